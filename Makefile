@@ -1,0 +1,39 @@
+# Set-up and the two entry points of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data browser demo test test-all bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	# The local CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist, where apt is available and the files are missing.
+data:
+	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get install -y -q dataset-fashion-mnist || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }; \
+	fi
+
+demo: setup data
+	$(BIN)/hvae train --epochs 20 --out $(RUN)
+	$(BIN)/hvae eval $(RUN) --k 1000 --limit 2000
+	$(BIN)/hvae sample $(RUN) --n 64 --out $(RUN)/samples.png
+	$(BIN)/hvae reconstruct $(RUN) --n 32 --out $(RUN)/reconstructions.png
+	$(BIN)/hvae interpolate $(RUN) --n 8 --out $(RUN)/interpolations.png
+	@echo "demo run: $(RUN)"
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+test-all: setup data
+	$(BIN)/python -m pytest -q -m ""

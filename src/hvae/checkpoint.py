@@ -1,0 +1,175 @@
+"""Run directories and checkpoints: config.json, safetensors weights, training state as safetensors + JSON.
+
+A checkpoint is written into a temporary folder, flushed, then renamed into place, so a crash leaves the
+previous one whole. Nothing here unpickles: foreign .pt files go through torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A missing, foreign or unreadable checkpoint; the message says which and what to do."""
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: temp file in the same folder, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; is {path.parent} an hvae run directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is damaged") from None
+
+
+def flatten_state(tree: Any, prefix: str = "") -> tuple[dict[str, Tensor], Any]:
+    """Split a nested state (dicts/lists of tensors and plain values) into tensors and a JSON skeleton."""
+    tensors: dict[str, Tensor] = {}
+    if isinstance(tree, Tensor):
+        tensors[prefix] = tree.detach().cpu().contiguous()
+        return tensors, {"__tensor__": prefix}
+    if isinstance(tree, dict):
+        skeleton = {}
+        for k, v in tree.items():
+            t, s = flatten_state(v, f"{prefix}.{k}" if prefix else str(k))
+            tensors.update(t)
+            skeleton[str(k)] = {"__key_type__": type(k).__name__, "value": s}
+        return tensors, {"__dict__": skeleton}
+    if isinstance(tree, (list, tuple)):
+        items = [flatten_state(v, f"{prefix}.{i}") for i, v in enumerate(tree)]
+        for t, _ in items:
+            tensors.update(t)
+        return tensors, {"__list__": [s for _, s in items]}
+    return tensors, tree
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
+    """Inverse of flatten_state."""
+    if isinstance(skeleton, dict) and "__tensor__" in skeleton:
+        return tensors[skeleton["__tensor__"]]
+    if isinstance(skeleton, dict) and "__dict__" in skeleton:
+        cast = {"int": int, "str": str}
+        return {cast[v["__key_type__"]](k): unflatten_state(v["value"], tensors) for k, v in skeleton["__dict__"].items()}
+    if isinstance(skeleton, dict) and "__list__" in skeleton:
+        return [unflatten_state(s, tensors) for s in skeleton["__list__"]]
+    return skeleton
+
+
+def save_checkpoint(run_dir: Path, weights: dict[str, Tensor], state: dict[str, Any],
+                    ema: dict[str, Tensor] | None = None) -> Path:
+    """Write run_dir/checkpoints/last atomically: model.safetensors, [ema.safetensors], state.safetensors + state.json."""
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+    if ema is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
+    tensors, skeleton = flatten_state(state)
+    save_file(tensors, tmp / "state.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"format": FORMAT_VERSION, "state": skeleton}))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    last, old = ckpt_root / "last", ckpt_root / "last.old"
+    if last.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(last, old)
+    os.replace(tmp, last)  # the commit point: from here on `last` is the new checkpoint
+    if old.exists():
+        shutil.rmtree(old)
+    return last
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    """The newest whole checkpoint: last/, or last.old/ if a crash came between the two renames."""
+    for name in ("last", "last.old"):
+        d = run_dir / "checkpoints" / name
+        if (d / "state.json").is_file() and (d / "model.safetensors").is_file():
+            return d
+    raise CheckpointError(f"{run_dir} has no checkpoint (checkpoints/last); train it first with hvae train --out {run_dir}")
+
+
+def load_tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the checkpoint is damaged") from None
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    meta = read_json(ckpt / "state.json")
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise CheckpointError(f"{ckpt}/state.json is not an hvae training state")
+    if meta["format"] > FORMAT_VERSION:
+        raise CheckpointError(f"{ckpt} was written by a newer hvae (format {meta['format']} > {FORMAT_VERSION}); "
+                              "upgrade hvae to read it")
+    return unflatten_state(meta["state"], load_tensors(ckpt / "state.safetensors"))
+
+
+def load_weights_into(model: torch.nn.Module, weights: dict[str, Tensor], source: Path) -> None:
+    """Load weights strictly; a mismatch names the first differing key and says the config does not match."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    bad_shape = [k for k in own if k in weights and own[k].shape != weights[k].shape]
+    if missing or unexpected or bad_shape:
+        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+                else f"shape of {bad_shape[0]} {tuple(weights[bad_shape[0]].shape)} vs {tuple(own[bad_shape[0]].shape)}")
+        raise CheckpointError(f"{source} does not fit this model ({what}); it comes from another model or config")
+    model.load_state_dict(weights)
+
+
+def load_foreign_weights(path: Path) -> dict[str, Tensor]:
+    """Weights from .safetensors, or a .pt/.pth state dict read with torch.load(weights_only=True) (no code runs)."""
+    if path.suffix == ".safetensors":
+        return load_tensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError (and others) for anything not plain weights
+        raise CheckpointError(f"{path}: refused to load ({type(e).__name__}); only plain tensor state dicts "
+                              "are accepted, never pickled code") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict)")
+    return obj
+
+
+def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = True) -> torch.nn.Module:
+    """The trained model of a run directory, in eval mode; the EMA weights when the run has them (and ema)."""
+    from .config import ConfigError, from_dict
+    from .models import build_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist; pass the --out folder of hvae train")
+    try:
+        cfg = from_dict(read_json(run_dir / "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(f"{run_dir}/config.json does not match this hvae ({e})") from None
+    last = checkpoint_dir(run_dir)
+    state = load_state(last)
+    model = build_model(cfg.model, state["data_shape"])
+    source = last / ("ema.safetensors" if ema and (last / "ema.safetensors").exists() else "model.safetensors")
+    load_weights_into(model, load_tensors(source), source)
+    return model.to(device).eval()

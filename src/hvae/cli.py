@@ -1,0 +1,209 @@
+"""hvae's command line: argparse subcommands that call library functions.
+
+Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, apply, from_dict, load_yaml, parse_set
+from .data import DataError, load_dataset, test_input
+from .rundir import RunDirError, prepare_new
+
+BAD_INPUT = (ConfigError, DataError, ckpt.CheckpointError, RunDirError)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hvae", description="Variational autoencoders: train, evaluate, generate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model into a run directory")
+    t.add_argument("--config", help="YAML preset (sections model/data/train)")
+    t.add_argument("--model", help="vae | mhvae | ladder (model.name)")
+    t.add_argument("--dataset", help="fashion-mnist | mnist | PATH.npz | PATH.npy (data.dataset)")
+    t.add_argument("--data-dir", help="folder holding the IDX files (data.data_dir)")
+    t.add_argument("--epochs", type=int, help="train.epochs")
+    t.add_argument("--batch-size", type=int, help="global batch size (train.batch_size)")
+    t.add_argument("--lr", type=float, help="train.lr")
+    t.add_argument("--seed", type=int, help="train.seed")
+    t.add_argument("--device", help="cpu | cuda | auto (train.accelerator)")
+    t.add_argument("--devices", type=int, help="processes/devices (train.devices)")
+    t.add_argument("--strategy", help="auto | ddp | ... (train.strategy)")
+    t.add_argument("--precision", help="32-true | bf16-mixed | 16-mixed (train.precision)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.ema=0.999")
+    t.add_argument("--out", type=Path, help="run directory (refused if it exists and is not empty)")
+    t.add_argument("--overwrite", action="store_true", help="allow --out to be an existing non-empty run directory")
+    t.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="ELBO terms, IW-NLL, bits/dim, active units")
+    e.add_argument("run", type=Path)
+    e.add_argument("--k", type=int, default=1000, help="importance samples (default 1000)")
+    e.add_argument("--limit", type=int, help="evaluate the first N test images only")
+    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even when the run has EMA")
+    e.add_argument("--data-dir", help="override the run's data.data_dir")
+    e.add_argument("--device", default=None)
+    e.add_argument("--no-progress", action="store_true")
+
+    for name, text in (("sample", "draw from the prior and decode"), ("reconstruct", "test images and their reconstructions"),
+                       ("interpolate", "decode paths between encoded test images")):
+        g = sub.add_parser(name, help=text)
+        g.add_argument("run", type=Path)
+        g.add_argument("--n", type=int, default=64 if name == "sample" else 16, help="images / pairs")
+        g.add_argument("--out", type=Path, help=f"PNG path (default RUN/{name}.png)")
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--device", default=None)
+        g.add_argument("--data-dir", help="override the run's data.data_dir")
+        if name == "sample":
+            g.add_argument("--temperature", type=float, default=1.0, help="scales the prior's std (0: its mean)")
+        if name == "interpolate":
+            g.add_argument("--steps", type=int, default=10)
+            g.add_argument("--spherical", action="store_true", help="slerp instead of linear")
+    return parser
+
+
+def resolve_train_config(args) -> Config:
+    if args.resume:
+        if args.out and args.out != args.resume:
+            raise ConfigError("--resume DIR continues DIR itself; drop --out (or give the same folder)")
+        cfg = from_dict(ckpt.read_json(args.resume / "config.json"))
+        others = [f for f in ("config", "model", "dataset", "data_dir", "batch_size", "lr", "seed") if getattr(args, f)]
+        if others or args.set:
+            raise ConfigError(f"--resume uses the run's saved config; only --epochs may change (got --{(others or ['set'])[0].replace('_', '-')})")
+        return apply(cfg, {"train.epochs": args.epochs} if args.epochs else {})
+    if not args.out:
+        raise ConfigError("hvae train needs --out DIR (the run directory) or --resume DIR")
+    updates = load_yaml(args.config) if args.config else {}
+    flags = {"model.name": args.model, "data.dataset": args.dataset, "data.data_dir": args.data_dir,
+             "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,
+             "train.seed": args.seed, "train.accelerator": args.device, "train.devices": args.devices,
+             "train.strategy": args.strategy, "train.precision": args.precision}
+    updates.update({k: v for k, v in flags.items() if v is not None})
+    updates.update(parse_set(args.set))
+    return apply(Config(), updates)
+
+
+def validate(cfg: Config) -> None:
+    """Fail fast on values the dataclass types cannot express (bad names, non-positive sizes)."""
+    from .models import build_model
+
+    t = cfg.train
+    for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.n_samples", t.n_samples),
+                       ("train.iw_k", t.iw_k), ("model.latent_dim", cfg.model.latent_dim)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1; got {value}")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr must be > 0; got {t.lr}")
+    if t.optimizer not in ("adam", "adamax"):
+        raise ConfigError(f"train.optimizer must be 'adam' or 'adamax'; got {t.optimizer!r}")
+    if not 0 <= t.ema < 1:
+        raise ConfigError(f"train.ema must be in [0, 1); got {t.ema}")
+    try:
+        build_model(cfg.model, (1, 28, 28) if cfg.model.arch == "conv" else (1, 4, 4))
+    except ValueError as e:
+        raise ConfigError(f"model config: {e}") from None
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    cfg = resolve_train_config(args)
+    validate(cfg)
+    out = args.resume or args.out
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        load_dataset(cfg.data.dataset, cfg.data.data_dir)  # bad data fails here, before DIR is touched
+        if args.resume:
+            ckpt.checkpoint_dir(args.resume)
+        else:
+            prepare_new(out, args.overwrite)
+    train(cfg, out, resume=bool(args.resume), argv=sys.argv, progress=not args.no_progress)
+    print(f"trained: {out}", file=sys.stderr)
+    return 0
+
+
+def _run_and_model(args):
+    cfg = from_dict(ckpt.read_json(args.run / "config.json")) if (args.run / "config.json").exists() else None
+    model = ckpt.load(args.run, args.device or default_device(), ema=not getattr(args, "no_ema", False))
+    return cfg, model
+
+
+def _test_images(cfg: Config, args, n: int | None):
+    data = load_dataset(cfg.data.dataset, args.data_dir or cfg.data.data_dir)
+    x = test_input(data.test_x, cfg.model.likelihood)  # fixed-seed binarization over all, then slice
+    return x if n is None else x[:n]
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    cfg, model = _run_and_model(args)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1; got {args.limit}")
+    if args.k < 1:
+        raise ConfigError(f"--k must be >= 1; got {args.k}")
+    x = _test_images(cfg, args, args.limit)
+    result = evaluate(model, x, k=args.k, batch_size=args.batch_size, device=args.device or default_device(),
+                      progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}  {value:.4f}" if isinstance(value, float) else f"{key:>24}  {value}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .editing import interpolate
+    from .visualize import save_grid, to_unit_range
+
+    cfg, model = _run_and_model(args)
+    torch.manual_seed(args.seed)
+    device = next(model.parameters()).device
+    out = args.out or args.run / f"{args.command}.png"
+    with torch.no_grad():
+        if args.command == "sample":
+            images, nrow = model.sample(args.n, args.temperature), 8
+        elif args.command == "reconstruct":
+            x = _test_images(cfg, args, args.n).to(device)
+            images, nrow = torch.stack([x, model.reconstruct(x)], 1).flatten(0, 1), 8
+        else:
+            x = _test_images(cfg, args, 2 * args.n).to(device)
+            images = interpolate(model, x[: args.n], x[args.n: 2 * args.n], args.steps, args.spherical).flatten(0, 1)
+            nrow = args.steps
+    save_grid(to_unit_range(images, cfg.model.likelihood), out, nrow=nrow)
+    print(out)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_generate, "reconstruct": cmd_generate,
+            "interpolate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BAD_INPUT as e:
+        print(f"hvae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Typed configuration: dataclasses with defaults, YAML presets listing only what differs, and strict
+dotted overrides (`--set train.lr=3e-4`) that reject unknown keys with the closest valid name."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vae"  # vae | mhvae | ladder
+    arch: str = "mlp"  # mlp | conv
+    latent_dim: int = 32
+    hidden: list[int] = field(default_factory=lambda: [512, 256])
+    conv_channels: list[int] = field(default_factory=lambda: [32, 64])
+    likelihood: str = "bernoulli"  # bernoulli | gaussian | gaussian-learned | logistic
+    activation: str = "relu"
+    variance: str = "clamp"  # clamp | softplus
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # fashion-mnist | mnist | PATH.npz | PATH.npy
+    data_dir: str | None = None
+    validation: int = 0  # training images held out (seeded) for model selection
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128  # global batch, split across devices
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adamax
+    seed: int = 0
+    beta: float = 1.0
+    warmup_epochs: float = 0.0  # KL warm-up: beta ramps linearly from 0 over this many epochs
+    free_bits: float = 0.0  # nats per level, on batch means
+    n_samples: int = 1  # L Monte Carlo samples for the reconstruction term
+    iw_k: int = 1  # IWAE training objective with k samples (1 = ELBO)
+    analytic_kl: bool = True
+    grad_clip: float = 0.0  # clip the gradient norm to this (0: off)
+    skip_threshold: float = 0.0  # skip updates whose gradient norm exceeds this (0: off)
+    max_skips: int = 10  # after this many skips in a row, clip instead of skipping
+    max_nonfinite: int = 20  # stop after this many non-finite losses/gradients in a row
+    ema: float = 0.0  # EMA decay of the weights used for evaluation (0: off)
+    compile: bool = False  # torch.compile the training step
+    checkpoint_every: int = 0  # steps between checkpoints (0: each epoch end only)
+    log_every: int = 50  # steps between metric lines
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    tensorboard: bool = False
+    threads: int = 0  # torch CPU threads (0: PyTorch's default)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _fields(obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def all_keys(cfg: Config | None = None) -> list[str]:
+    cfg = cfg or Config()
+    return [f"{section}.{name}" for section in _fields(cfg) for name in _fields(getattr(cfg, section))]
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key {key!r}; {hint}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against the field's type; accept ints for floats. Errors name key and expected type."""
+    hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in hints:
+        return None
+    for hint in hints:
+        origin = typing.get_origin(hint)
+        if origin is list and isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if hint in (bool, str) and type(value) is hint:
+            return value
+    names = " or ".join(getattr(h, "__name__", str(h)) for h in hints)
+    raise ConfigError(f"config key {key!r} must be {names}; got {value!r}")
+
+
+def apply(cfg: Config, updates: dict[str, Any]) -> Config:
+    """Set dotted keys ('train.lr': 3e-4) on a copy of cfg, strictly."""
+    cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in _fields(cfg)})
+    valid = all_keys(cfg)
+    type_hints = {s: typing.get_type_hints(type(getattr(cfg, s))) for s in _fields(cfg)}
+    for key, value in updates.items():
+        if key not in valid:
+            raise _unknown(key, valid)
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, _coerce(key, value, type_hints[section][name]))
+    return cfg
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; a non-section at the top level is an unknown key."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML preset as dotted keys. Errors: missing file, bad YAML, not a mapping."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}; check the path") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model/data/train); got {type(tree).__name__}")
+    return flatten(tree)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """['train.lr=3e-4', 'model.hidden=[256,128]'] -> dotted dict; values parsed as YAML scalars/lists."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value (e.g. train.lr=3e-4); got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: cannot parse the value; quote strings, write lists as [1,2]") from None
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config from to_dict output (e.g. a run's config.json), strictly."""
+    return apply(Config(), flatten(tree))

@@ -1,0 +1,141 @@
+"""Objectives written once against the model protocol (protocol.py); pure functions, no model classes.
+
+1. ELBO, eq. 1-3:  ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)); the reconstruction term by a Monte
+   Carlo average over L = n_samples draws, the prior-matching term in closed form where the level allows
+   it (else log q(z) - log p(z) at the sample).
+2. Hierarchical ELBO, eq. 8:  E_q[log p(x, z_1:T) - log q(z_1:T|x)] = log p(x|z_1) - sum_t rate_t,
+   with each level's rate taken as in 1. For the Markovian HVAE (eq. 6-7) this gives the Contracts'
+   terms: rate_t = log q(z_t|z_{t-1}) - log p(z_t|z_{t+1}) for t < T, closed-form KL at t = T.
+3. Importance weights log w_k = log p(x, z_k) - log q(z_k|x), z_k ~ q, and the bound
+   L_K = log (1/K) sum_k w_k (Burda et al.), K = 1 the one-sample ELBO, rising towards log p(x).
+4. Training-loss pieces: beta weight on the rate, free bits per level (on batch means), IWAE objective.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .numerics import log_mean_exp
+from .protocol import LatentVariableModel, Level, Trace
+
+
+class ElboTerms(NamedTuple):
+    """Per-example terms in nats: reconstruction, kl (all levels) and elbo = reconstruction - kl: [B];
+    kl_per_level: [T, B], level 1 (nearest x) first."""
+
+    reconstruction: Tensor
+    kl: Tensor
+    elbo: Tensor
+    kl_per_level: Tensor
+
+
+def level_rate(level: Level, analytic_kl: bool = True) -> Tensor:
+    """KL(q || p) in closed form when allowed and asked for, else mean_S [log q(z) - log p(z)]. -> [B]."""
+    if analytic_kl and level.analytic_kl:
+        return level.q.kl(level.p)
+    log_ratio = level.q.log_prob(level.z) - level.p.log_prob(level.z)  # [S, B], may be < 0
+    return log_ratio.mean(0)
+
+
+def reconstruction(model: LatentVariableModel, x: Tensor, trace: Trace) -> Tensor:
+    """E_q[log p(x|z_1)] by a Monte Carlo mean over the trace's S samples (eq. 3, first term). -> [B]."""
+    return model.decode(trace.z1).log_prob(x).mean(0)
+
+
+def elbo(model: LatentVariableModel, x: Tensor, n_samples: int = 1, analytic_kl: bool = True) -> ElboTerms:
+    """ELBO (eq. 3 / eq. 8) with L = n_samples Monte Carlo samples. x: [B, *data] -> ElboTerms of [B]."""
+    trace = model.infer(x, n_samples)
+    return elbo_terms(model, x, trace, analytic_kl)
+
+
+def elbo_terms(model: LatentVariableModel, x: Tensor, trace: Trace, analytic_kl: bool = True) -> ElboTerms:
+    """The ELBO terms of eq. 8 for an existing trace: log p(x|z_1) - sum_t rate_t. -> ElboTerms of [B]."""
+    rec = reconstruction(model, x, trace)
+    kl_per_level = torch.stack([level_rate(level, analytic_kl) for level in trace.levels])
+    kl = kl_per_level.sum(0)
+    return ElboTerms(rec, kl, rec - kl, kl_per_level)
+
+
+def log_weights_of_trace(model: LatentVariableModel, x: Tensor, trace: Trace, log_px: Tensor | None = None) -> Tensor:
+    """log w = log p(x|z_1) + sum_t [log p(z_t|.) - log q(z_t|.)] at the trace's samples: [S, B], nats.
+
+    `log_px` ([S, B]) may be passed when the caller has already decoded the trace.
+    """
+    log_w = model.decode(trace.z1).log_prob(x) if log_px is None else log_px
+    for level in trace.levels:
+        log_w = log_w + level.p.log_prob(level.z) - level.q.log_prob(level.z)
+    return log_w
+
+
+def log_importance_weights(model: LatentVariableModel, x: Tensor, k: int, chunk_size: int | None = None) -> Tensor:
+    """log w_k = log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x), k = 1..K. x: [B, *data] -> [K, B], nats.
+
+    Computed `chunk_size` samples at a time, so memory is bounded by the chunk, not by K.
+    """
+    chunk_size = k if chunk_size is None else max(1, chunk_size)
+    chunks = [log_weights_of_trace(model, x, model.infer(x, min(chunk_size, k - start)))
+              for start in range(0, k, chunk_size)]
+    return torch.cat(chunks, dim=0)
+
+
+def iw_bound(log_w: Tensor) -> Tensor:
+    """L_K = log (1/K) sum_k w_k, the importance-weighted bound.  [K, B] -> [B], nats.
+
+    L_1 is the one-sample ELBO; E[L_K] rises with K towards log p(x).
+    """
+    return log_mean_exp(log_w, dim=0)
+
+
+def bits_per_dim(nats: Tensor | float, n_dims: int, dequantized_8bit: bool = False) -> Tensor | float:
+    """bits/dim = nats / (D ln 2), plus 8 only for a continuous density on [0, 1]-scaled 8-bit data
+    with uniform dequantization (never for Bernoulli or discretized likelihoods)."""
+    return nats / (n_dims * math.log(2)) + (8.0 if dequantized_8bit else 0.0)
+
+
+def nats_from_bits_per_dim(bpd: Tensor | float, n_dims: int, dequantized_8bit: bool = False) -> Tensor | float:
+    """The inverse of bits_per_dim."""
+    return (bpd - (8.0 if dequantized_8bit else 0.0)) * n_dims * math.log(2)
+
+
+def free_bits(kl_per_level: Tensor, min_nats: float) -> Tensor:
+    """Free bits per level (Kingma et al. 2016) on batch means: a level whose mean KL is below
+    `min_nats` contributes the constant min_nats (no gradient) instead. [T, B] -> [T, B]."""
+    if min_nats <= 0:
+        return kl_per_level
+    below = kl_per_level.mean(1, keepdim=True) < min_nats  # [T, 1]
+    return torch.where(below, torch.full_like(kl_per_level, min_nats), kl_per_level)
+
+
+@dataclass(frozen=True)
+class TrainingObjective:
+    """How the training surrogate is formed: beta weight, free bits, L samples, IWAE with k samples."""
+
+    n_samples: int = 1
+    iw_k: int = 1
+    beta: float = 1.0
+    free_bits: float = 0.0
+    analytic_kl: bool = True
+
+
+def training_objective(model: LatentVariableModel, x: Tensor, spec: TrainingObjective) -> tuple[Tensor, ElboTerms]:
+    """The per-example surrogate to maximize, [B], and the ELBO terms it came from (for logging).
+
+    iw_k = 1: reconstruction - beta * free_bits(KL per level)   (eq. 3 / eq. 8, beta-weighted)
+    iw_k > 1: the IWAE bound L_k over k samples (beta and free bits do not apply).
+    """
+    if spec.iw_k > 1:
+        trace = model.infer(x, spec.iw_k)
+        log_px = model.decode(trace.z1).log_prob(x)  # [K, B]
+        bound = iw_bound(log_weights_of_trace(model, x, trace, log_px))
+        rec = log_px.mean(0).detach()
+        kl_per_level = torch.stack([level_rate(level, spec.analytic_kl) for level in trace.levels]).detach()
+        kl = kl_per_level.sum(0)
+        return bound, ElboTerms(rec, kl, rec - kl, kl_per_level)
+    terms = elbo(model, x, spec.n_samples, spec.analytic_kl)
+    rate = free_bits(terms.kl_per_level, spec.free_bits).sum(0)
+    return terms.reconstruction - spec.beta * rate, terms

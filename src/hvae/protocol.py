@@ -1,0 +1,55 @@
+"""The model protocol that every objective and metric is written against (see docs/design).
+
+A model's inference pass returns a `Trace`: for each latent level t = 1..T (level 1 nearest x) the
+sample z_t drawn from the posterior q, the prior p that z_t is scored under, and whether the closed-form
+KL(q || p) may stand in for the sampled log-ratio at that level. It may, only if p does not depend on
+latents that q samples after z_t: true at every level of top-down (ladder) inference, and only at the
+top level of the write-up's bottom-up Markovian HVAE (eq. 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from .distributions import DiagonalGaussian
+
+
+@dataclass(frozen=True)
+class Level:
+    """One latent level: z [S, B, *event] drawn from q, scored under p; `analytic_kl` as above."""
+
+    z: Tensor
+    q: DiagonalGaussian
+    p: DiagonalGaussian
+    analytic_kl: bool = True
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The levels of one inference pass, level 1 (nearest x) first."""
+
+    levels: tuple[Level, ...]
+
+    @property
+    def z1(self) -> Tensor:
+        """The sample of the level the likelihood conditions on: [S, B, *event]."""
+        return self.levels[0].z
+
+
+@runtime_checkable
+class LatentVariableModel(Protocol):
+    """What objectives need: infer, decode, sample (and the data shape they work on)."""
+
+    data_shape: tuple[int, ...]
+
+    def infer(self, x: Tensor, n_samples: int = 1) -> Trace:
+        """Sample z_1:T ~ q(z_1:T | x) with the reparameterization trick; report each level's q and p."""
+
+    def decode(self, z1: Tensor):
+        """p(x | z_1) as a likelihood object (log_prob, mean, sample). z1: [S, B, *event]."""
+
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        """Draw z_T ~ p (std scaled by temperature), decode down the hierarchy; return the mean of p(x|z_1)."""

@@ -1,0 +1,93 @@
+"""The run directory contract: refuse to clobber, record provenance, keep metrics append-only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from .checkpoint import write_json
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked; the message says why and which flag fixes it."""
+
+
+def prepare_new(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty DIR unless overwrite; create it otherwise. Nothing is deleted here:
+    with --overwrite, files are replaced one by one as the new run writes them."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file; choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RunDirError(f"run directory {out} exists and is not empty; pass --resume {out} to continue it, "
+                          "--overwrite to replace it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for stale in ("metrics.jsonl",):
+            (out / stale).unlink(missing_ok=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_provenance(out: Path, data_files: Iterable[Path], argv: list[str] | None) -> None:
+    """DIR/provenance.json: versions, git commit, data hashes, CPU/GPU, command line."""
+    import torch
+
+    from . import __version__
+
+    try:
+        import lightning_fabric
+        fabric_version = lightning_fabric.__version__
+    except ImportError:  # pragma: no cover - a declared dependency
+        fabric_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    info: dict[str, Any] = {
+        "hvae": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "lightning_fabric": fabric_version, "git_commit": commit, "cpu": cpu_name(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(), "command": argv if argv is not None else sys.argv,
+        "data_files": {str(p): _sha256(p) for p in data_files},
+    }
+    write_json(out / "provenance.json", info)
+
+
+class MetricsLog:
+    """DIR/metrics.jsonl, one JSON object per line; on resume, lines past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

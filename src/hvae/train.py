@@ -1,0 +1,227 @@
+"""The training loop: the one place a loss is reduced to a scalar and its sign flipped.
+
+Reads top to bottom: set up (Fabric, data, model, optimizer, resume) -> per step (batch, objective,
+backward, fault handling, update, EMA) -> logging and checkpoints. Lightning Fabric handles devices,
+precision and DDP. Randomness is restartable: the epoch order is a function of (seed, epoch), and the
+binarization and reparameterization RNG states travel in each checkpoint, so a resumed run replays an
+uninterrupted one exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from lightning_fabric import Fabric
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config, to_dict
+from .data import epoch_order, load_dataset, split_validation, test_input, to_model_input
+from .models import build_model
+from .objectives import TrainingObjective, elbo, training_objective
+from .rundir import MetricsLog, write_provenance
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps); the last good checkpoint is kept."""
+
+
+class Objective(nn.Module):
+    """Wraps the model so Fabric/DDP/compile see one forward: x [B, *data], beta [] -> (objective [B], terms)."""
+
+    def __init__(self, model: nn.Module, spec: TrainingObjective):
+        super().__init__()
+        self.model, self.spec = model, spec
+
+    def forward(self, x: Tensor, beta: Tensor):
+        return training_objective(self.model, x, replace(self.spec, beta=beta))
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    opt = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}.get(cfg.train.optimizer)
+    if opt is None:
+        raise ValueError(f"unknown optimizer {cfg.train.optimizer!r}; use 'adam' or 'adamax'")
+    return opt(params, lr=cfg.train.lr)
+
+
+def kl_weight(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """beta, ramped linearly from 0 over warmup_epochs (KL warm-up), then constant."""
+    if cfg.train.warmup_epochs <= 0:
+        return cfg.train.beta
+    return cfg.train.beta * min(1.0, step / (cfg.train.warmup_epochs * steps_per_epoch))
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "data": gen.get_state()}
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["data"])
+
+
+class EMA:
+    """Exponential moving average of the weights (evaluated instead of the raw weights when on)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v, 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def grad_norm(params: list[Tensor]) -> Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+
+
+def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = None, progress: bool = True) -> Path:
+    """Train per `cfg` into run directory `out` (already validated by the caller). Returns `out`."""
+    t = cfg.train
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    fabric = Fabric(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision)
+    fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    if t.batch_size % world:
+        raise ValueError(f"batch size {t.batch_size} must be divisible by the {world} devices")
+    local_batch = t.batch_size // world
+
+    # 1. Data and model.
+    data = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    train_x, _, val_x, _ = split_validation(data.train_x, data.train_y, cfg.data.validation, t.seed)
+    steps_per_epoch = len(train_x) // t.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(train_x)} images) is smaller than one batch ({t.batch_size}); "
+                         "lower --batch-size")
+    torch.manual_seed(t.seed * 1000 + rank)
+    model = build_model(cfg.model, data.data_shape)
+    spec = TrainingObjective(n_samples=t.n_samples, iw_k=t.iw_k, beta=t.beta, free_bits=t.free_bits,
+                             analytic_kl=t.analytic_kl)
+    objective = Objective(model, spec)
+    optimizer = make_optimizer(cfg, model.parameters())
+    data_gen = torch.Generator().manual_seed(t.seed * 1000 + 1 + rank)
+    step, counters = 0, {"skipped": 0, "nonfinite": 0, "clipped_after_skips": 0}
+    ema_weights = None
+
+    # 2. Resume: model, optimizer, EMA, counters and RNG exactly as saved.
+    if resume:
+        last = ckpt.checkpoint_dir(out)
+        state = ckpt.load_state(last)
+        ckpt.load_weights_into(model, ckpt.load_tensors(last / "model.safetensors"), last)
+        optimizer.load_state_dict(state["optimizer"])
+        if (last / "ema.safetensors").exists():
+            ema_weights = ckpt.load_tensors(last / "ema.safetensors")
+        step, counters = state["step"], state["counters"]
+        set_rng_state(state["rng"], data_gen)
+    if rank == 0:
+        ckpt.write_json(out / "config.json", to_dict(cfg))
+        write_provenance(out, data.files, argv)
+    objective, optimizer = fabric.setup(objective, optimizer)
+    ema = EMA(model, t.ema) if t.ema > 0 else None
+    if ema is not None and ema_weights is not None:
+        ema.shadow = {k: v.to(fabric.device) for k, v in ema_weights.items()}
+    step_fn = torch.compile(objective) if t.compile else objective
+    params = [p for p in model.parameters() if p.requires_grad]
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None) if rank == 0 else None
+
+    def save() -> None:
+        if rank == 0:
+            state = {"step": step, "counters": counters, "data_shape": list(data.data_shape), "optimizer": optimizer.state_dict(), "rng": rng_state(data_gen)}
+            ckpt.save_checkpoint(out, model.state_dict(), state, ema.shadow if ema else None)
+
+    # 3. The loop.
+    consecutive_bad = consecutive_skips = 0
+    total_steps = t.epochs * steps_per_epoch
+    start_epoch = step // steps_per_epoch
+    for epoch in range(start_epoch, t.epochs):
+        order = epoch_order(len(train_x), t.seed, epoch)
+        first = step - epoch * steps_per_epoch
+        bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}", file=sys.stderr,
+                   disable=not progress or rank != 0, dynamic_ncols=True, leave=False)
+        epoch_start, sums = time.perf_counter(), torch.zeros(3, device=fabric.device)
+        for i in bar:
+            lo = i * t.batch_size + rank * local_batch
+            x = fabric.to_device(to_model_input(train_x[order[lo:lo + local_batch]], cfg.model.likelihood, data_gen))
+            beta = kl_weight(cfg, step, steps_per_epoch)
+            obj, terms = step_fn(x, torch.tensor(beta))
+            loss = -obj.mean()
+            fabric.backward(loss)
+            norm = grad_norm(params)
+            if not (torch.isfinite(loss) and torch.isfinite(norm)):
+                consecutive_bad += 1
+                counters["nonfinite"] += 1
+                optimizer.zero_grad(set_to_none=True)
+                if consecutive_bad >= t.max_nonfinite:
+                    raise TrainingError(f"{consecutive_bad} non-finite losses/gradients in a row at step {step}; "
+                                        f"stopped, the last good checkpoint in {out} is kept (lower train.lr or "
+                                        "set train.grad_clip)")
+                step += 1
+                continue
+            consecutive_bad = 0
+            if t.skip_threshold > 0 and norm > t.skip_threshold:
+                if consecutive_skips < t.max_skips:
+                    consecutive_skips += 1
+                    counters["skipped"] += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    continue
+                # Why: VDVAE's unbounded skipping can stall training forever; after the cap, clip and go on.
+                torch.nn.utils.clip_grad_norm_(params, t.skip_threshold)
+                counters["clipped_after_skips"] += 1
+            consecutive_skips = 0
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            sums += torch.stack([terms.elbo.mean(), terms.reconstruction.mean(), terms.kl.mean()]).detach()
+            if rank == 0 and step % t.log_every == 0:
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
+                          "elbo": terms.elbo.mean().item(), "reconstruction": terms.reconstruction.mean().item(),
+                          "kl": terms.kl.mean().item(), "kl_per_level": terms.kl_per_level.mean(1).tolist(),
+                          "beta": beta, "grad_norm": norm.item(), **counters}
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.2f}", rec=f"{record['reconstruction']:.1f}",
+                                kl=f"{record['kl']:.1f}")
+            if t.checkpoint_every and step % t.checkpoint_every == 0:
+                save()
+        bar.close()
+        n = max(1, steps_per_epoch - first)
+        if rank == 0:
+            record = {"step": step, "epoch": epoch + 1, "epoch_seconds": time.perf_counter() - epoch_start,
+                      "train_elbo": (sums[0] / n).item(), "train_reconstruction": (sums[1] / n).item(),
+                      "train_kl": (sums[2] / n).item(), **counters}
+            if len(val_x):
+                record["val_elbo"] = validation_elbo(model, val_x, cfg, fabric.device)
+            log.write(record)
+            print(f"epoch {epoch + 1}/{t.epochs}: train ELBO {record['train_elbo']:.2f} nats"
+                  + (f", validation ELBO {record['val_elbo']:.2f}" if "val_elbo" in record else ""), file=sys.stderr)
+        save()
+    if log:
+        log.close()
+    return out
+
+
+@torch.no_grad()
+def validation_elbo(model: nn.Module, val_x: Tensor, cfg: Config, device, batch: int = 1000) -> float:
+    """Mean ELBO on the held-out split (fixed binarization; the training RNG stream is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        x_all = test_input(val_x, cfg.model.likelihood)
+        total = sum(elbo(model, x_all[i:i + batch].to(device)).elbo.sum().item() for i in range(0, len(x_all), batch))
+    return total / len(x_all)

@@ -1,0 +1,40 @@
+"""Pictures: image grids as PNG (Pillow). Plotting stays apart from the math."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+
+
+def to_unit_range(images: Tensor, likelihood: str) -> Tensor:
+    """Likelihood means -> [0, 1] for display (the logistic likelihood works on [-1, 1])."""
+    if likelihood == "logistic":
+        images = (images + 1) / 2
+    return images.clamp(0, 1)
+
+
+def grid(images: Tensor, nrow: int, pad: int = 2) -> np.ndarray:
+    """[N, C, H, W] in [0, 1] -> uint8 [rows*(H+pad)+pad, nrow*(W+pad)+pad, C] with a white frame."""
+    n, c, h, w = images.shape
+    rows = -(-n // nrow)
+    canvas = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.float32)
+    arr = images.detach().float().cpu().numpy().transpose(0, 2, 3, 1)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
+    return (canvas * 255).round().astype(np.uint8)
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 2) -> Path:
+    """Write a PNG grid of [N, C, H, W] images in [0, 1], upscaled `scale` times (nearest)."""
+    arr = grid(images, nrow)
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
