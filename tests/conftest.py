@@ -47,5 +47,9 @@ def idx_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    # One thread: the tests' tensors are tiny, and subprocess tests would oversubscribe 2 cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)

@@ -110,6 +110,7 @@ def make_likelihood(kind: str, params: Tensor, event_ndim: int, fixed_log_scale:
 
     The split is along the channel dim -event_ndim (data shape [C, H, W] or [D]).
     """
+    channels_per_pixel(kind)  # rejects an unknown kind with the list of valid ones
     if kind == "bernoulli":
         return Bernoulli(params, event_ndim)
     if kind == "gaussian":

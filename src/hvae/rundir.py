@@ -76,18 +76,34 @@ def write_provenance(out: Path, data_files: Iterable[Path], argv: list[str] | No
 
 
 class MetricsLog:
-    """DIR/metrics.jsonl, one JSON object per line; on resume, lines past the checkpoint's step are dropped."""
+    """DIR/metrics.jsonl, one JSON object per line; on resume, lines past the checkpoint's step are dropped.
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    With `tensorboard`, scalars also go to DIR/tensorboard (needs the optional `tensorboard` package).
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard: bool = False):
         self.path = path
         if resume_step is not None and path.exists():
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in kept))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RunDirError("train.tensorboard needs the tensorboard package: pip install 'hvae[tensorboard]'") from None
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
         self.file = open(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         self.file.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -9,9 +9,9 @@ uninterrupted one exactly on CPU.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
+from copy import deepcopy
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,12 +83,45 @@ class EMA:
 
 
 def grad_norm(params: list[Tensor]) -> Tensor:
+    """The global L2 norm of the gradients (one fused pass, no host sync)."""
     grads = [p.grad for p in params if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
 
 
+class UpdateGuard:
+    """Decides whether a computed gradient is applied: non-finite loss/gradient -> skip and count (stop after
+    max_nonfinite in a row); norm above skip_threshold -> skip, but after max_skips in a row clip instead (so
+    training never stalls, unlike VDVAE's unbounded skip); grad_clip clips every applied update."""
+
+    def __init__(self, t, counters: dict[str, int]):
+        self.t, self.counters = t, counters
+        self.bad_in_a_row = self.skips_in_a_row = 0
+
+    def allow(self, loss: Tensor, params: list[Tensor], step: int) -> tuple[bool, Tensor]:
+        norm = grad_norm(params)
+        if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
+            self.bad_in_a_row += 1
+            self.counters["nonfinite"] += 1
+            if self.bad_in_a_row >= self.t.max_nonfinite:
+                raise TrainingError(f"{self.bad_in_a_row} non-finite losses/gradients in a row at step {step}; "
+                                    "stopped, the last good checkpoint is kept (lower train.lr or set train.grad_clip)")
+            return False, norm
+        self.bad_in_a_row = 0
+        if self.t.skip_threshold > 0 and norm > self.t.skip_threshold:
+            if self.skips_in_a_row < self.t.max_skips:
+                self.skips_in_a_row += 1
+                self.counters["skipped"] += 1
+                return False, norm
+            torch.nn.utils.clip_grad_norm_(params, self.t.skip_threshold)
+            self.counters["clipped_after_skips"] += 1
+        self.skips_in_a_row = 0
+        if self.t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip)
+        return True, norm
+
+
 def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = None, progress: bool = True) -> Path:
-    """Train per `cfg` into run directory `out` (already validated by the caller). Returns `out`."""
+    """Train per `cfg` into run directory `out` (validated by the caller; created if missing). Returns `out`."""
     t = cfg.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
@@ -99,22 +132,21 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
         raise ValueError(f"batch size {t.batch_size} must be divisible by the {world} devices")
     local_batch = t.batch_size // world
 
-    # 1. Data and model.
+    # 1. Data and model. Every rank starts from rank 0's seed; DDP also broadcasts rank 0's weights.
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir)
     train_x, _, val_x, _ = split_validation(data.train_x, data.train_y, cfg.data.validation, t.seed)
     steps_per_epoch = len(train_x) // t.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_x)} images) is smaller than one batch ({t.batch_size}); "
                          "lower --batch-size")
-    torch.manual_seed(t.seed * 1000 + rank)
+    torch.manual_seed(t.seed * 1000)
     model = build_model(cfg.model, data.data_shape)
+    torch.manual_seed(t.seed * 1000 + rank)  # reparameterization noise: different on each rank
     spec = TrainingObjective(n_samples=t.n_samples, iw_k=t.iw_k, beta=t.beta, free_bits=t.free_bits,
                              analytic_kl=t.analytic_kl)
-    objective = Objective(model, spec)
     optimizer = make_optimizer(cfg, model.parameters())
     data_gen = torch.Generator().manual_seed(t.seed * 1000 + 1 + rank)
-    step, counters = 0, {"skipped": 0, "nonfinite": 0, "clipped_after_skips": 0}
-    ema_weights = None
+    step, counters, ema_weights = 0, {"skipped": 0, "nonfinite": 0, "clipped_after_skips": 0}, None
 
     # 2. Resume: model, optimizer, EMA, counters and RNG exactly as saved.
     if resume:
@@ -127,101 +159,97 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
         step, counters = state["step"], state["counters"]
         set_rng_state(state["rng"], data_gen)
     if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out / "config.json", to_dict(cfg))
         write_provenance(out, data.files, argv)
-    objective, optimizer = fabric.setup(objective, optimizer)
+    objective, optimizer = fabric.setup(Objective(model, spec), optimizer)
     ema = EMA(model, t.ema) if t.ema > 0 else None
     if ema is not None and ema_weights is not None:
         ema.shadow = {k: v.to(fabric.device) for k, v in ema_weights.items()}
     step_fn = torch.compile(objective) if t.compile else objective
     params = [p for p in model.parameters() if p.requires_grad]
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None) if rank == 0 else None
+    guard = UpdateGuard(t, counters)
+    log = MetricsLog(out / "metrics.jsonl", step if resume else None, t.tensorboard) if rank == 0 else None
 
     def save() -> None:
         if rank == 0:
-            state = {"step": step, "counters": counters, "data_shape": list(data.data_shape), "optimizer": optimizer.state_dict(), "rng": rng_state(data_gen)}
+            state = {"step": step, "counters": counters, "data_shape": list(data.data_shape),
+                     "optimizer": optimizer.state_dict(), "rng": rng_state(data_gen)}
             ckpt.save_checkpoint(out, model.state_dict(), state, ema.shadow if ema else None)
 
-    # 3. The loop.
-    consecutive_bad = consecutive_skips = 0
-    total_steps = t.epochs * steps_per_epoch
-    start_epoch = step // steps_per_epoch
-    for epoch in range(start_epoch, t.epochs):
-        order = epoch_order(len(train_x), t.seed, epoch)
-        first = step - epoch * steps_per_epoch
-        bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}", file=sys.stderr,
-                   disable=not progress or rank != 0, dynamic_ncols=True, leave=False)
-        epoch_start, sums = time.perf_counter(), torch.zeros(3, device=fabric.device)
-        for i in bar:
-            lo = i * t.batch_size + rank * local_batch
-            x = fabric.to_device(to_model_input(train_x[order[lo:lo + local_batch]], cfg.model.likelihood, data_gen))
-            beta = kl_weight(cfg, step, steps_per_epoch)
-            obj, terms = step_fn(x, torch.tensor(beta))
-            loss = -obj.mean()
-            fabric.backward(loss)
-            norm = grad_norm(params)
-            if not (torch.isfinite(loss) and torch.isfinite(norm)):
-                consecutive_bad += 1
-                counters["nonfinite"] += 1
+    # 3. The loop: batch -> objective -> backward -> guard -> update -> EMA -> log / checkpoint.
+    try:
+        for epoch in range(step // steps_per_epoch, t.epochs):
+            order = epoch_order(len(train_x), t.seed, epoch)
+            first = step - epoch * steps_per_epoch
+            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}", file=sys.stderr,
+                       disable=not progress or rank != 0, dynamic_ncols=True, leave=False)
+            epoch_start, sums = time.perf_counter(), torch.zeros(4, device=fabric.device)
+            for i in bar:
+                lo = i * t.batch_size + rank * local_batch
+                x = fabric.to_device(to_model_input(train_x[order[lo:lo + local_batch]], cfg.model.likelihood, data_gen))
+                beta = kl_weight(cfg, step, steps_per_epoch)
+                obj, terms = step_fn(x, torch.tensor(beta))
+                loss = -obj.mean()
+                fabric.backward(loss)
+                applied, norm = guard.allow(loss, params, step)
+                if applied:
+                    optimizer.step()
+                    if ema is not None:
+                        ema.update(model)
+                    sums += torch.stack([terms.elbo.mean(), terms.reconstruction.mean(), terms.kl.mean(),
+                                         torch.ones(())]).detach()
                 optimizer.zero_grad(set_to_none=True)
-                if consecutive_bad >= t.max_nonfinite:
-                    raise TrainingError(f"{consecutive_bad} non-finite losses/gradients in a row at step {step}; "
-                                        f"stopped, the last good checkpoint in {out} is kept (lower train.lr or "
-                                        "set train.grad_clip)")
                 step += 1
-                continue
-            consecutive_bad = 0
-            if t.skip_threshold > 0 and norm > t.skip_threshold:
-                if consecutive_skips < t.max_skips:
-                    consecutive_skips += 1
-                    counters["skipped"] += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    continue
-                # Why: VDVAE's unbounded skipping can stall training forever; after the cap, clip and go on.
-                torch.nn.utils.clip_grad_norm_(params, t.skip_threshold)
-                counters["clipped_after_skips"] += 1
-            consecutive_skips = 0
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            sums += torch.stack([terms.elbo.mean(), terms.reconstruction.mean(), terms.kl.mean()]).detach()
-            if rank == 0 and step % t.log_every == 0:
-                record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
-                          "elbo": terms.elbo.mean().item(), "reconstruction": terms.reconstruction.mean().item(),
-                          "kl": terms.kl.mean().item(), "kl_per_level": terms.kl_per_level.mean(1).tolist(),
-                          "beta": beta, "grad_norm": norm.item(), **counters}
+                if step % t.log_every == 0:  # every rank joins the all-reduce
+                    means = fabric.all_reduce(torch.stack([loss.detach(), terms.elbo.mean().detach(),
+                                                           terms.reconstruction.mean().detach(), terms.kl.mean().detach()]),
+                                              reduce_op="mean")
+                    if rank == 0:
+                        record = {"step": step, "epoch": step / steps_per_epoch, "loss": means[0].item(),
+                                  "elbo": means[1].item(), "reconstruction": means[2].item(), "kl": means[3].item(),
+                                  "kl_per_level": terms.kl_per_level.mean(1).tolist(), "beta": beta,
+                                  "grad_norm": norm.item(), **counters}
+                        log.write(record)
+                        bar.set_postfix(loss=f"{record['loss']:.2f}", kl=f"{record['kl']:.1f}")
+                if t.checkpoint_every and step % t.checkpoint_every == 0:
+                    save()
+            bar.close()
+            sums = fabric.all_reduce(sums, reduce_op="mean")
+            if rank == 0:
+                n = max(1.0, sums[3].item())
+                record = {"step": step, "epoch": epoch + 1, "epoch_seconds": time.perf_counter() - epoch_start,
+                          "train_elbo": (sums[0] / n).item(), "train_reconstruction": (sums[1] / n).item(),
+                          "train_kl": (sums[2] / n).item(), **counters}
+                if len(val_x):
+                    record["val_elbo"] = validation_elbo(ema_model(model, ema), val_x, cfg, fabric.device)
                 log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.2f}", rec=f"{record['reconstruction']:.1f}",
-                                kl=f"{record['kl']:.1f}")
-            if t.checkpoint_every and step % t.checkpoint_every == 0:
-                save()
-        bar.close()
-        n = max(1, steps_per_epoch - first)
-        if rank == 0:
-            record = {"step": step, "epoch": epoch + 1, "epoch_seconds": time.perf_counter() - epoch_start,
-                      "train_elbo": (sums[0] / n).item(), "train_reconstruction": (sums[1] / n).item(),
-                      "train_kl": (sums[2] / n).item(), **counters}
-            if len(val_x):
-                record["val_elbo"] = validation_elbo(model, val_x, cfg, fabric.device)
-            log.write(record)
-            print(f"epoch {epoch + 1}/{t.epochs}: train ELBO {record['train_elbo']:.2f} nats"
-                  + (f", validation ELBO {record['val_elbo']:.2f}" if "val_elbo" in record else ""), file=sys.stderr)
-        save()
-    if log:
-        log.close()
+                print(f"epoch {epoch + 1}/{t.epochs}: train ELBO {record['train_elbo']:.2f} nats"
+                      + (f", validation ELBO {record['val_elbo']:.2f}" if "val_elbo" in record else ""), file=sys.stderr)
+            save()
+    finally:
+        if log:
+            log.close()
     return out
+
+
+def ema_model(model: nn.Module, ema: EMA | None) -> nn.Module:
+    """The model to evaluate: a copy holding the EMA weights when EMA is on, else the model itself."""
+    if ema is None:
+        return model
+    copy = deepcopy(model)
+    copy.load_state_dict(ema.shadow)
+    return copy
 
 
 @torch.no_grad()
 def validation_elbo(model: nn.Module, val_x: Tensor, cfg: Config, device, batch: int = 1000) -> float:
     """Mean ELBO on the held-out split (fixed binarization; the training RNG stream is left untouched)."""
+    was_training = model.training
+    model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         x_all = test_input(val_x, cfg.model.likelihood)
         total = sum(elbo(model, x_all[i:i + batch].to(device)).elbo.sum().item() for i in range(0, len(x_all), batch))
+    model.train(was_training)
     return total / len(x_all)

@@ -76,5 +76,6 @@ class VAE(nn.Module):
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """z ~ N(0, t^2 I) (t = 0: z = 0), decoded to the mean of p(x|z): [n, *data]."""
-        p = DiagonalGaussian.standard(torch.empty(n, self.latent_dim, device=self.head.linear.weight.device))
+        p = DiagonalGaussian.standard(torch.empty(n, self.latent_dim, device=self.head.linear.weight.device,
+                                                   dtype=self.head.linear.weight.dtype))
         return self.decode(p.rsample(temperature=temperature)).mean

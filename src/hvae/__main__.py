@@ -1,0 +1,5 @@
+"""python -m hvae ... (the same as the `hvae` command)."""
+
+from .cli import entry
+
+entry()

@@ -1,0 +1,192 @@
+"""Crash safety, exact resume, numerical faults, safe checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hvae import checkpoint as ckpt
+from hvae.cli import main
+from hvae.config import Config, apply
+from hvae.train import TrainingError, train
+
+TINY = {"model.hidden": [64, 32], "model.latent_dim": 4, "train.batch_size": 32, "train.threads": 1}
+
+
+def tiny_cfg(idx_dir: Path, **extra) -> Config:
+    return apply(Config(), {**TINY, "data.data_dir": str(idx_dir.parent), "train.epochs": 2, **extra})
+
+
+def hvae_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hvae", *args]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / "last" / "model.safetensors")
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(idx_dir, tmp_path):
+    args = ["train", "--data-dir", str(idx_dir.parent), "--epochs", "40", "--no-progress",
+            "--set", "model.hidden=[256,128]", "--set", "model.latent_dim=4", "--batch-size", "32",
+            "--set", "train.threads=1", "--set", "train.checkpoint_every=3", "--set", "train.ema=0.9"]
+    steps_total = 40 * (256 // 32)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(hvae_cmd(*args, "--out", str(killed)), stderr=subprocess.DEVNULL)
+    state = killed / "checkpoints" / "last" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if state.exists() and json.loads(state.read_text())["state"]["__dict__"]["step"]["value"] >= 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # it really died mid-run
+    saved_step = ckpt.load_state(ckpt.checkpoint_dir(killed))["step"]
+    assert 20 <= saved_step < steps_total
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
+    straight = tmp_path / "straight"
+    assert subprocess.run(hvae_cmd(*args, "--out", str(straight)), stderr=subprocess.DEVNULL).returncode == 0
+    resumed_w, straight_w = final_weights(killed), final_weights(straight)
+    assert resumed_w.keys() == straight_w.keys()
+    for key in straight_w:
+        assert torch.equal(resumed_w[key], straight_w[key]), key  # bitwise on CPU
+    ema_a = load_file(killed / "checkpoints/last/ema.safetensors")
+    ema_b = load_file(straight / "checkpoints/last/ema.safetensors")
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_b)
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # no duplicated tail after the resume
+
+
+def test_resume_in_process_equals_straight_run(idx_dir, tmp_path):
+    full = tiny_cfg(idx_dir, **{"train.epochs": 3})
+    train(full, tmp_path / "a", progress=False)
+    train(apply(full, {"train.epochs": 1}), tmp_path / "b", progress=False)
+    train(full, tmp_path / "b", resume=True, progress=False)
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(idx_dir, tmp_path, monkeypatch):
+    import hvae.train as tr
+
+    real, calls = tr.training_objective, {"n": 0}
+
+    def flaky(model, x, spec):
+        obj, terms = real(model, x, spec)
+        calls["n"] += 1
+        return (obj * float("nan") if calls["n"] in (3, 4, 5) else obj), terms
+
+    monkeypatch.setattr(tr, "training_objective", flaky)
+    run = tmp_path / "run"
+    train(tiny_cfg(idx_dir, **{"train.log_every": 1}), run, progress=False)
+    state = ckpt.load_state(ckpt.checkpoint_dir(run))
+    assert state["counters"]["nonfinite"] == 3
+    assert all(torch.isfinite(w).all() for w in final_weights(run).values())
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["nonfinite"] == 3
+
+
+def test_persistent_nonfinite_stops_and_keeps_last_good_checkpoint(idx_dir, tmp_path, monkeypatch):
+    import hvae.train as tr
+
+    run = tmp_path / "run"
+    train(tiny_cfg(idx_dir, **{"train.epochs": 1}), run, progress=False)
+    good = {k: v.clone() for k, v in final_weights(run).items()}
+    monkeypatch.setattr(tr, "training_objective", lambda m, x, s: (lambda o, t: (o * float("nan"), t))(*_real(m, x, s)))
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(tiny_cfg(idx_dir, **{"train.epochs": 3, "train.max_nonfinite": 4}), run, resume=True, progress=False)
+    after = final_weights(run)
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def _real(model, x, spec):
+    from hvae.objectives import training_objective
+
+    return training_objective(model, x, spec)
+
+
+def test_update_skipping_is_capped_so_training_never_stalls(idx_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_cfg(idx_dir, **{"train.epochs": 1, "train.skip_threshold": 1e-9, "train.max_skips": 3})
+    before = None
+    train(cfg, run, progress=False)
+    state = ckpt.load_state(ckpt.checkpoint_dir(run))
+    steps = 256 // 32
+    # every norm exceeds the threshold: 3 skips, then one clipped update, repeated
+    assert state["counters"]["skipped"] == 3 * (steps // 4) + min(3, steps % 4)
+    assert state["counters"]["clipped_after_skips"] == steps // 4
+    assert before is None and state["step"] == steps
+
+
+def test_checkpoint_crash_mid_write_keeps_previous(tmp_path, monkeypatch):
+    w1 = {"a": torch.ones(3)}
+    ckpt.save_checkpoint(tmp_path, w1, {"step": 1})
+    import hvae.checkpoint as mod
+
+    real_save, calls = mod.save_file, {"n": 0}
+
+    def dying_save(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(mod, "save_file", dying_save)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, {"a": torch.zeros(3)}, {"step": 2})
+    last = ckpt.checkpoint_dir(tmp_path)
+    assert ckpt.load_state(last)["step"] == 1
+    assert torch.equal(ckpt.load_tensors(last / "model.safetensors")["a"], torch.ones(3))
+
+
+def test_crash_between_renames_falls_back_to_previous(tmp_path):
+    ckpt.save_checkpoint(tmp_path, {"a": torch.ones(2)}, {"step": 7})
+    root = tmp_path / "checkpoints"
+    os.replace(root / "last", root / "last.old")  # as if killed right after the first rename
+    assert ckpt.load_state(ckpt.checkpoint_dir(tmp_path))["step"] == 7
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['HVAE_PWNED']}",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("HVAE_PWNED", str(marker))
+    bad = tmp_path / "weights.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"w": _Evil()}, f)
+    torch_style = tmp_path / "weights2.pt"
+    torch.save({"w": _Evil()}, torch_style)
+    for path in (bad, torch_style):
+        with pytest.raises(ckpt.CheckpointError, match="refused"):
+            ckpt.load_foreign_weights(path)
+    assert not marker.exists()
+    good = tmp_path / "ok.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    assert torch.equal(ckpt.load_foreign_weights(good)["w"], torch.ones(2))
+
+
+def test_checkpoint_state_round_trip_is_exact(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"step": 5, "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+    ckpt.save_checkpoint(tmp_path, model.state_dict(), state)
+    back = ckpt.load_state(ckpt.checkpoint_dir(tmp_path))
+    opt2 = torch.optim.Adam(model.parameters())
+    opt2.load_state_dict(back["optimizer"])
+    for k, v in opt.state_dict()["state"][0].items():
+        assert torch.equal(v, opt2.state_dict()["state"][0][k])
+    assert torch.equal(back["rng"]["torch"], state["rng"]["torch"])
