@@ -24,6 +24,13 @@ data:
 		$(SUDO) apt-get install -y -q dataset-fashion-mnist || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }; \
 	fi
 
+# Headless Chromium for the report's browser test: Debian's chromium + chromium-driver, where apt is
+# available and either is missing (the test skips without them, and fails under CI=true).
+browser:
+	@if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; } && command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get install -y -q chromium chromium-driver || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }; \
+	fi
+
 demo: setup data
 	$(BIN)/hvae train --epochs 20 --out $(RUN)
 	$(BIN)/hvae eval $(RUN) --k 1000 --limit 2000
@@ -32,7 +39,7 @@ demo: setup data
 	$(BIN)/hvae interpolate $(RUN) --n 8 --out $(RUN)/interpolations.png
 	@echo "demo run: $(RUN)"
 
-test: setup data
+test: setup data browser
 	$(BIN)/python -m pytest -q
 
 test-all: setup data

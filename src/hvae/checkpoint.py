@@ -121,8 +121,9 @@ def load_tensors(path: Path) -> dict[str, Tensor]:
 
 def load_state(ckpt: Path) -> dict[str, Any]:
     meta = read_json(ckpt / "state.json")
-    if not isinstance(meta, dict) or "format" not in meta:
-        raise CheckpointError(f"{ckpt}/state.json is not an hvae training state")
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int) or "state" not in meta:
+        raise CheckpointError(f"{ckpt}/state.json is not an hvae training state (needs an integer 'format' and "
+                              "a 'state'); the checkpoint is damaged or foreign")
     if meta["format"] > FORMAT_VERSION:
         raise CheckpointError(f"{ckpt} was written by a newer hvae (format {meta['format']} > {FORMAT_VERSION}); "
                               "upgrade hvae to read it")

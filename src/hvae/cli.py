@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 anything els
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -21,12 +22,25 @@ from .rundir import RunDirError, prepare_new
 BAD_INPUT = (ConfigError, DataError, ckpt.CheckpointError, RunDirError)
 
 
+class UsageError(ConfigError):
+    """A command-line syntax error (argparse's), reported in one line like any other bad input."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but errors raise UsageError instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        err = UsageError(f"{message} (see {self.prog} --help)")
+        err.prog = self.prog
+        raise err
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hvae", description="Variational autoencoders: train, evaluate, generate.")
+    parser = Parser(prog="hvae", description="Variational autoencoders: train, evaluate, generate.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model into a run directory")
@@ -73,7 +87,64 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "interpolate":
             g.add_argument("--steps", type=int, default=10)
             g.add_argument("--spherical", action="store_true", help="slerp instead of linear")
+    add_view_parsers(sub)
     return parser
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,3,5; got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0,0.5,1; got {text!r}") from None
+
+
+def add_view_parsers(sub) -> None:
+    """`hvae edit interpolate|arithmetic|traverse RUN ...` and `hvae report RUN ...`."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("run", type=Path)
+    common.add_argument("--out", type=Path, help="PNG path (default RUN/edit-ACTION.png)")
+    common.add_argument("--device", default=None)
+    common.add_argument("--data-dir", help="override the run's data.data_dir")
+    common.add_argument("--no-ema", action="store_true", help="use the raw weights even when the run has EMA")
+    ed = sub.add_parser("edit", help="edit latents: interpolate, attribute arithmetic, traversals (PNG grids)")
+    actions = ed.add_subparsers(dest="action", required=True)
+    i = actions.add_parser("interpolate", parents=[common], help="decode the path between two test images")
+    i.add_argument("--a", type=int, default=0, help="index of the first test image")
+    i.add_argument("--b", type=int, default=1, help="index of the second test image")
+    i.add_argument("--steps", type=int, default=10)
+    i.add_argument("--method", choices=("linear", "spherical", "both"), default="both")
+    a = actions.add_parser("arithmetic", parents=[common],
+                           help="add mean_z(class TO) - mean_z(class FROM) to images of class FROM")
+    a.add_argument("--from", dest="from_class", type=int, required=True, help="class of the edited images (B)")
+    a.add_argument("--to", dest="to_class", type=int, required=True, help="class the edit moves towards (A)")
+    a.add_argument("--n", type=int, default=8, help="images of class FROM to edit")
+    a.add_argument("--scales", type=_float_list, default=[0.0, 0.5, 1.0, 1.5], help="multiples of the vector")
+    a.add_argument("--limit", type=int, help="take class means over the first N test images (default all)")
+    t = actions.add_parser("traverse", parents=[common], help="vary one latent dimension at a time")
+    t.add_argument("--index", type=int, default=0, help="test image whose posterior mean is the starting point")
+    t.add_argument("--dims", type=_int_list, help="dimensions to vary (default: the 10 with the highest KL)")
+    t.add_argument("--span", type=float, default=3.0, help="z_d runs from -SPAN to SPAN")
+    t.add_argument("--steps", type=int, default=9)
+    r = sub.add_parser("report", help="one self-contained HTML page: config, metrics, pictures, curves")
+    r.add_argument("run", type=Path)
+    r.add_argument("--out", type=Path, help="HTML path (default RUN/report.html)")
+    r.add_argument("--k", type=int, default=100, help="importance samples for iw_nll (default 100)")
+    r.add_argument("--limit", type=int, default=1000, help="test images evaluated and projected (default 1000)")
+    r.add_argument("--n", type=int, default=64, help="samples shown")
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--tsne", action="store_true", help="add a t-SNE view (needs scikit-learn)")
+    r.add_argument("--device", default=None)
+    r.add_argument("--data-dir", help="override the run's data.data_dir")
+    r.add_argument("--no-ema", action="store_true")
+    r.add_argument("--no-progress", action="store_true")
 
 
 def resolve_train_config(args) -> Config:
@@ -84,7 +155,7 @@ def resolve_train_config(args) -> Config:
         others = [f for f in ("config", "model", "dataset", "data_dir", "batch_size", "lr", "seed") if getattr(args, f)]
         if others or args.set:
             raise ConfigError(f"--resume uses the run's saved config; only --epochs may change (got --{(others or ['set'])[0].replace('_', '-')})")
-        return apply(cfg, {"train.epochs": args.epochs} if args.epochs else {})
+        return apply(cfg, {"train.epochs": args.epochs} if args.epochs is not None else {})
     if not args.out:
         raise ConfigError("hvae train needs --out DIR (the run directory) or --resume DIR")
     updates = load_yaml(args.config) if args.config else {}
@@ -106,6 +177,12 @@ def validate(cfg: Config) -> None:
                        ("train.iw_k", t.iw_k), ("model.latent_dim", cfg.model.latent_dim)):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1; got {value}")
+    if t.devices < 1:
+        raise ConfigError(f"train.devices must be >= 1; got {t.devices}")
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"train.seed must be in [0, 2**32); got {t.seed}")
+    if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("train.tensorboard needs the tensorboard package: pip install 'hvae[tensorboard]'")
     if not t.lr > 0:
         raise ConfigError(f"train.lr must be > 0; got {t.lr}")
     if t.optimizer not in ("adam", "adamax"):
@@ -125,13 +202,22 @@ def cmd_train(args) -> int:
     validate(cfg)
     out = args.resume or args.out
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
-        load_dataset(cfg.data.dataset, cfg.data.data_dir)  # bad data fails here, before DIR is touched
+        data = load_dataset(cfg.data.dataset, cfg.data.data_dir)  # bad data fails here, before DIR is touched
+        n_train = len(data.train_x) - cfg.data.validation
+        if cfg.data.validation < 0 or n_train < 1:
+            raise DataError(f"validation size {cfg.data.validation} must be in [0, {len(data.train_x)}) "
+                            f"(the training set has {len(data.train_x)} images)")
+        if n_train < cfg.train.batch_size:
+            raise ConfigError(f"batch size {cfg.train.batch_size} exceeds the {n_train} training images; lower --batch-size")
+        if cfg.train.batch_size % cfg.train.devices:
+            raise ConfigError(f"batch size {cfg.train.batch_size} must be divisible by --devices {cfg.train.devices}")
         if args.resume:
             ckpt.checkpoint_dir(args.resume)
         else:
             prepare_new(out, args.overwrite)
     train(cfg, out, resume=bool(args.resume), argv=sys.argv, progress=not args.no_progress)
-    print(f"trained: {out}", file=sys.stderr)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"trained: {out}", file=sys.stderr)
     return 0
 
 
@@ -155,6 +241,8 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"--limit must be >= 1; got {args.limit}")
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1; got {args.k}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1; got {args.batch_size}")
     x = _test_images(cfg, args, args.limit)
     result = evaluate(model, x, k=args.k, batch_size=args.batch_size, device=args.device or default_device(),
                       progress=not args.no_progress)
@@ -170,6 +258,10 @@ def cmd_generate(args) -> int:
     from .editing import interpolate
     from .visualize import save_grid, to_unit_range
 
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1; got {args.n}")
+    if getattr(args, "temperature", 0.0) < 0 or getattr(args, "steps", 2) < 2:
+        raise ConfigError("--temperature must be >= 0 and --steps >= 2")
     cfg, model = _run_and_model(args)
     torch.manual_seed(args.seed)
     device = next(model.parameters()).device
@@ -189,17 +281,86 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _test_image(x, index: int, flag: str):
+    if not 0 <= index < len(x):
+        raise ConfigError(f"{flag} {index} is out of range; the test set has {len(x)} images (0..{len(x) - 1})")
+    return x[index:index + 1]
+
+
+def _edit_interpolate(model, x, y, args):
+    from .editing import interpolate
+
+    if args.steps < 2:
+        raise ConfigError(f"--steps must be >= 2; got {args.steps}")
+    a, b = _test_image(x, args.a, "--a"), _test_image(x, args.b, "--b")
+    kinds = {"linear": [False], "spherical": [True], "both": [False, True]}[args.method]
+    paths = [interpolate(model, a, b, args.steps, spherical)[0] for spherical in kinds]  # each [steps, *data]
+    return torch.stack([torch.cat([a, path, b]) for path in paths])  # [rows, steps + 2, *data]
+
+
+def _edit_arithmetic(model, x, y, args):
+    from .editing import class_arithmetic
+
+    if args.limit is not None:
+        x, y = x[: args.limit], None if y is None else y[: args.limit]
+    return class_arithmetic(model, x, y, args.from_class, args.to_class, args.n, args.scales)
+
+
+def _edit_traverse(model, x, y, args):
+    from .editing import encode_means, most_informative_dims, traverse
+
+    if args.steps < 2:
+        raise ConfigError(f"--steps must be >= 2; got {args.steps}")
+    z = encode_means(model, _test_image(x, args.index, "--index"))[0]
+    dims = args.dims if args.dims else most_informative_dims(model, x[:1000], 10)
+    return traverse(model, z, dims, torch.linspace(-args.span, args.span, args.steps))
+
+
+def cmd_edit(args) -> int:
+    from .visualize import rows, save_grid, to_unit_range
+
+    cfg, model = _run_and_model(args)
+    data = load_dataset(cfg.data.dataset, args.data_dir or cfg.data.data_dir)
+    x = test_input(data.test_x, cfg.model.likelihood).to(next(model.parameters()).device)
+    edit = {"interpolate": _edit_interpolate, "arithmetic": _edit_arithmetic, "traverse": _edit_traverse}[args.action]
+    with torch.no_grad():
+        images, nrow = rows(edit(model, x, data.test_y, args))  # [rows * columns, *data]
+    out = args.out or args.run / f"edit-{args.action}.png"
+    save_grid(to_unit_range(images, cfg.model.likelihood), out, nrow=nrow)
+    print(out)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import ReportOptions, build_report
+
+    options = ReportOptions(k=args.k, limit=args.limit, n_samples=args.n, temperature=args.temperature,
+                            seed=args.seed, device=args.device or default_device(), data_dir=args.data_dir,
+                            ema=not args.no_ema, tsne=args.tsne, progress=not args.no_progress)
+    print(build_report(args.run, args.out, options))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_generate, "reconstruct": cmd_generate,
-            "interpolate": cmd_generate}
+            "interpolate": cmd_generate, "edit": cmd_edit, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .train import TrainingError
+
+    try:
+        args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
+    except UsageError as e:
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.command](args)
     except BAD_INPUT as e:
         print(f"hvae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"hvae {args.command}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"hvae {args.command}: interrupted", file=sys.stderr)
         return 130

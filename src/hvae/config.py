@@ -3,8 +3,11 @@ dotted overrides (`--set train.lr=3e-4`) that reject unknown keys with the close
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +31,13 @@ class ModelConfig:
     likelihood: str = "bernoulli"  # bernoulli | gaussian | gaussian-learned | logistic
     activation: str = "relu"
     variance: str = "clamp"  # clamp | softplus
+    # Hierarchical models (mhvae, ladder); level 1 is nearest x.
+    levels: int = 2  # T, the number of latent levels
+    latent_dims: list[int] = field(default_factory=list)  # D_1..D_T; empty: latent_dim at every level
+    level_hidden: list[int] = field(default_factory=lambda: [256])  # widths of each level's small MLPs
+    posterior: str = "residual"  # ladder: residual | precision | independent
+    skip: bool = False  # ladder: the likelihood sees every level's z, not only z_1
+    norm: str = "none"  # none | layer | batch, in the hierarchical models' level MLPs
 
 
 @dataclass
@@ -82,10 +92,21 @@ def all_keys(cfg: Config | None = None) -> list[str]:
     return [f"{section}.{name}" for section in _fields(cfg) for name in _fields(getattr(cfg, section))]
 
 
-def _unknown(key: str, valid: list[str]) -> ConfigError:
+def _unknown(key: Any, valid: list[str]) -> ConfigError:
+    """The closest valid key: by the whole dotted name, else by its last part ('lr' -> 'train.lr')."""
+    key = str(key)
+    in_section = [k for k in valid if k.startswith(key + ".")]
+    if in_section:
+        return ConfigError(f"{key!r} is a section, not a key; set one of its keys, e.g. {in_section[0]!r}")
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:
+        leaves = {k.split(".", 1)[1]: k for k in valid}
+        close = [leaves[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.6)]
     hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
     return ConfigError(f"unknown config key {key!r}; {hint}")
+
+
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -97,8 +118,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         origin = typing.get_origin(hint)
         if origin is list and isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return list(value)
+        if hint is float and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads '3e-4' (no dot) as a string
         if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value) if abs(value) < 1e308 else math.inf  # float() of a huge int raises
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {key!r} must be a finite number; got {value!r}")
+            return number
         if hint is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if hint in (bool, str) and type(value) is hint:
@@ -109,7 +135,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 
 def apply(cfg: Config, updates: dict[str, Any]) -> Config:
     """Set dotted keys ('train.lr': 3e-4) on a copy of cfg, strictly."""
-    cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in _fields(cfg)})
+    cfg = copy.deepcopy(cfg)  # no list shared between the input and the result
     valid = all_keys(cfg)
     type_hints = {s: typing.get_type_hints(type(getattr(cfg, s))) for s in _fields(cfg)}
     for key, value in updates.items():
@@ -136,16 +162,30 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML preset as dotted keys. Errors: missing file, bad YAML, not a mapping."""
     path = Path(path)
     try:
-        tree = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}; check the path") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file; give a YAML preset") from None
+    tree = _yaml_value(text, f"{path} is not valid YAML", "fix the syntax")
     if tree is None:
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model/data/train); got {type(tree).__name__}")
-    return flatten(tree)
+    # An empty section ('train:' with nothing under it) lists nothing that differs from the defaults.
+    return flatten({k: v for k, v in tree.items() if not (v is None and k in _fields(Config))})
+
+
+def _yaml_value(text: str, what: str, fix: str) -> Any:
+    """yaml.safe_load, with every failure as a one-line ConfigError (constructors raise ValueError too,
+    e.g. for a date such as 2020-13-45)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{what} ({first}); {fix}") from None
+    except (ValueError, OverflowError, RecursionError) as e:
+        raise ConfigError(f"{what} ({e}); {fix}") from None
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -155,10 +195,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value (e.g. train.lr=3e-4); got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {item!r}: cannot parse the value; quote strings, write lists as [1,2]") from None
+        out[key.strip()] = _yaml_value(raw, f"--set {item!r}: cannot parse the value",
+                                       "quote strings, write lists as [1,2]") if raw.strip() else None
     return out
 
 
@@ -168,4 +206,6 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def from_dict(tree: dict[str, Any]) -> Config:
     """Rebuild a Config from to_dict output (e.g. a run's config.json), strictly."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"a config must be a mapping of sections (model/data/train); got {type(tree).__name__}")
     return apply(Config(), flatten(tree))

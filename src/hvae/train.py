@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, to_dict
+from .config import Config, ConfigError, to_dict
 from .data import epoch_order, load_dataset, split_validation, test_input, to_model_input
 from .models import build_model
 from .objectives import TrainingObjective, elbo, training_objective
@@ -129,7 +129,7 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
     if t.batch_size % world:
-        raise ValueError(f"batch size {t.batch_size} must be divisible by the {world} devices")
+        raise ConfigError(f"batch size {t.batch_size} must be divisible by the {world} devices")
     local_batch = t.batch_size // world
 
     # 1. Data and model. Every rank starts from rank 0's seed; DDP also broadcasts rank 0's weights.
@@ -137,7 +137,7 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     train_x, _, val_x, _ = split_validation(data.train_x, data.train_y, cfg.data.validation, t.seed)
     steps_per_epoch = len(train_x) // t.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the training set ({len(train_x)} images) is smaller than one batch ({t.batch_size}); "
+        raise ConfigError(f"the training set ({len(train_x)} images) is smaller than one batch ({t.batch_size}); "
                          "lower --batch-size")
     torch.manual_seed(t.seed * 1000)
     model = build_model(cfg.model, data.data_shape)

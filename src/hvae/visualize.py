@@ -1,7 +1,8 @@
-"""Pictures: image grids as PNG (Pillow). Plotting stays apart from the math."""
+"""Pictures: image grids as PNG (Pillow). Plotting stays apart from the math (see editing.py, plots.py)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +29,30 @@ def grid(images: Tensor, nrow: int, pad: int = 2) -> np.ndarray:
     return (canvas * 255).round().astype(np.uint8)
 
 
-def save_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 2) -> Path:
-    """Write a PNG grid of [N, C, H, W] images in [0, 1], upscaled `scale` times (nearest)."""
+def grid_image(images: Tensor, nrow: int = 8, scale: int = 2) -> Image.Image:
+    """A Pillow image of the grid of [N, C, H, W] images in [0, 1], upscaled `scale` times (nearest)."""
     arr = grid(images, nrow)
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def rows(images: Tensor) -> tuple[Tensor, int]:
+    """[R, K, C, H, W] (a row of K pictures per item) -> ([R*K, C, H, W], nrow = K) for grid/save_grid."""
+    return images.flatten(0, 1), images.shape[1]
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 2) -> Path:
+    """Write a PNG grid of [N, C, H, W] images in [0, 1], upscaled `scale` times (nearest)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    grid_image(images, nrow, scale).save(path, format="PNG")
     return path
+
+
+def png_bytes(images: Tensor, nrow: int = 8, scale: int = 2) -> bytes:
+    """The PNG file of save_grid, in memory (for the HTML report)."""
+    buf = io.BytesIO()
+    grid_image(images, nrow, scale).save(buf, format="PNG")
+    return buf.getvalue()
