@@ -372,3 +372,13 @@ def test_split_validation_is_seeded_disjoint_and_keeps_labels():
     assert torch.equal(tx0, x) and len(vx0) == 0 and vy0 is None
     with pytest.raises(DataError, match="smaller than the training set"):
         data.split_validation(x, y, 50, seed=1)
+
+
+def test_dynamic_binarization_is_bernoulli_of_pixel_over_255():
+    # Every uint8 level, many draws: the frequency of ones must be pixel / 255 within 5 standard errors.
+    levels = torch.arange(256, dtype=torch.uint8).repeat(4000, 1)  # [4000, 256]
+    freq = data.binarize(levels, torch.Generator().manual_seed(3)).mean(0).double()
+    p = torch.arange(256, dtype=torch.float64) / 255
+    se = (p * (1 - p) / 4000).sqrt().clamp_min(1e-12)
+    assert freq[0] == 0 and freq[255] == 1
+    assert ((freq - p).abs() <= 5 * se).all()

@@ -228,8 +228,13 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
 
 
 def binarize(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """x ~ Bernoulli(pixel / 255): uint8 [B, ...] -> float32 {0, 1}."""
-    return torch.bernoulli(images.float().div_(255), generator=generator)
+    """x ~ Bernoulli(pixel / 255): uint8 [B, ...] -> float32 {0, 1}.
+
+    Drawn as [u < pixel] with u uniform on the integers 0..254, so P(x = 1) = pixel / 255 exactly; this is
+    several times cheaper on a CPU than torch.bernoulli on floats (the training hot path).
+    """
+    u = torch.randint(0, 255, images.shape, dtype=torch.uint8, generator=generator, device=images.device)
+    return (u < images).float()
 
 
 def fixed_binarized_test(test_x: Tensor) -> Tensor:

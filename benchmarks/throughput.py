@@ -1,0 +1,156 @@
+"""Training and IW-evaluation throughput: hvae vs a bare PyTorch loop, side by side, against the matmul roofline.
+
+Everything runs in one process with the same thread count, alternating the contenders and taking medians,
+so the ratios hold on a shared, noisy machine. Usage:
+    python benchmarks/throughput.py [--repeats 5] [--threads 2] [--variant train.compile=true ...] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bare import BareVAE, bare_epoch, bare_eval  # noqa: E402
+
+from hvae.config import Config, apply, parse_set  # noqa: E402
+from hvae.data import load_dataset, test_input  # noqa: E402
+from hvae.evaluate import chunk_for, evaluate  # noqa: E402
+from hvae.models import build_model  # noqa: E402
+from hvae.rundir import cpu_name  # noqa: E402
+from hvae.train import train  # noqa: E402
+
+LAYERS_ENC = [(784, 512), (512, 256), (256, 64)]
+LAYERS_DEC = [(32, 256), (256, 512), (512, 784)]
+
+
+def train_shapes(batch: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every matmul in one training step: forward, grad-input (not for the data layer), grad-weight."""
+    shapes = []
+    for i, (n_in, n_out) in enumerate(LAYERS_ENC + LAYERS_DEC):
+        shapes.append((batch, n_in, n_out))
+        if i != 0:
+            shapes.append((batch, n_out, n_in))
+        shapes.append((n_out, batch, n_in))
+    return shapes
+
+
+def decoder_shapes(rows: int) -> list[tuple[int, int, int]]:
+    return [(rows, n_in, n_out) for n_in, n_out in LAYERS_DEC]
+
+
+def flops(shapes) -> int:
+    return sum(2 * m * k * n for m, k, n in shapes)
+
+
+def matmul_seconds(shapes, repeats: int = 7) -> float:
+    """Best-of-`repeats` time of running all the matmuls back to back (the roofline's time)."""
+    mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
+    inner = max(1, int(2e9 // max(1, flops(shapes))))
+    for a, b in mats:
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            for a, b in mats:
+                a @ b
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
+
+
+def hvae_epoch(cfg: Config) -> float:
+    """Examples/s of `hvae train`'s loop over one epoch (its own epoch_seconds, set-up excluded)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        train(cfg, Path(tmp) / "run", progress=False)
+        rec = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = next(r for r in reversed(rec) if "epoch_seconds" in r)
+    return last["step"] * cfg.train.batch_size / last["epoch_seconds"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--variant", action="append", default=[], help="extra hvae config to time, e.g. train.compile=true")
+    ap.add_argument("--eval-images", type=int, default=500)
+    ap.add_argument("--k", type=int, default=1000)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset("fashion-mnist")
+    flat = data.train_x.reshape(len(data.train_x), -1)
+    base = {"train.epochs": 1, "train.batch_size": args.batch, "train.threads": args.threads, "train.log_every": 10**9}
+    contenders = {"hvae (default)": apply(Config(), base)}
+    for v in args.variant:
+        contenders[f"hvae {v}"] = apply(Config(), {**base, **parse_set([v])})
+
+    # 1. Training: bare epoch and hvae epochs, alternating.
+    speeds: dict[str, list[float]] = {"bare loop": [], **{k: [] for k in contenders}}
+    bare = BareVAE()
+    opt = torch.optim.Adam(bare.parameters(), 1e-3)
+    bare_epoch(bare, opt, flat, args.batch, steps=20)  # warm-up
+    roof_times = []
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        n = bare_epoch(bare, opt, flat, args.batch)
+        speeds["bare loop"].append(n / (time.perf_counter() - t0))
+        for name, cfg in contenders.items():
+            speeds[name].append(hvae_epoch(cfg))
+        roof_times.append(matmul_seconds(train_shapes(args.batch)))
+        print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in speeds.items()), file=sys.stderr)
+    train_flop = flops(train_shapes(args.batch)) / args.batch  # per example
+    roof = flops(train_shapes(args.batch)) / statistics.median(roof_times) / 1e9
+    bare_med = statistics.median(speeds["bare loop"])
+    rows = []
+    for name, v in speeds.items():
+        med = statistics.median(v)
+        rows.append({"what": f"train {name}", "examples_per_s": med, "gflops": med * train_flop / 1e9,
+                     "pct_roofline": 100 * med * train_flop / 1e9 / roof, "ratio_to_bare": med / bare_med})
+
+    # 2. IW evaluation: importance samples decoded per second, hvae's evaluator vs the bare estimator.
+    model = build_model(Config().model, data.data_shape)
+    x = test_input(data.test_x, "bernoulli")[: args.eval_images]
+    chunk = chunk_for(args.k, 100, 25_000)
+    eval_speeds: dict[str, list[float]] = {"eval hvae": [], "eval bare": []}
+    bare.eval()
+    eval_roof = []
+    for r in range(max(1, args.repeats // 2)):
+        t0 = time.perf_counter()
+        evaluate(model, x, k=args.k, progress=False)
+        eval_speeds["eval hvae"].append(len(x) * args.k / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        bare_eval(bare, x.reshape(len(x), -1), k=args.k)
+        eval_speeds["eval bare"].append(len(x) * args.k / (time.perf_counter() - t0))
+        eval_roof.append(matmul_seconds(decoder_shapes(chunk * 100), repeats=3))
+    dec_flop = flops(decoder_shapes(1))
+    dec_roof = flops(decoder_shapes(chunk * 100)) / statistics.median(eval_roof) / 1e9
+    bare_eval_med = statistics.median(eval_speeds["eval bare"])
+    for name, v in eval_speeds.items():
+        med = statistics.median(v)
+        rows.append({"what": name, "samples_per_s": med, "gflops": med * dec_flop / 1e9,
+                     "pct_roofline": 100 * med * dec_flop / 1e9 / dec_roof, "ratio_to_bare": med / bare_eval_med})
+    result = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "batch": args.batch,
+              "train_roofline_gflops": roof, "decoder_roofline_gflops": dec_roof, "train_flop_per_example": train_flop,
+              "decoder_flop_per_sample": dec_flop, "k": args.k, "eval_images": len(x), "rows": rows,
+              "raw": {**speeds, **eval_speeds}}
+    print(f"CPU: {result['cpu']}, {args.threads} threads, torch {torch.__version__}")
+    print(f"matmul roofline: training shapes {roof:.1f} GFLOP/s, decoder shapes ({chunk * 100} rows) {dec_roof:.1f} GFLOP/s")
+    print("| what | per second | GFLOP/s | % of roofline | ratio to bare |\n|---|---|---|---|---|")
+    for row in rows:
+        rate = row.get("examples_per_s") or row.get("samples_per_s")
+        print(f"| {row['what']} | {rate:,.0f} | {row['gflops']:.1f} | {row['pct_roofline']:.0f}% | {row['ratio_to_bare']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
