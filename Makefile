@@ -44,3 +44,9 @@ test: setup data browser
 
 test-all: setup data
 	$(BIN)/python -m pytest -q -m ""
+
+# The benchmarks of BENCHMARKS.md (long: about 20 minutes on 2 cores).
+bench: setup data
+	$(BIN)/python benchmarks/throughput.py --variant train.compile=true
+	$(BIN)/python benchmarks/eval_memory.py --k 5000 --images 100 1000
+	$(BIN)/python benchmarks/vae_20_epochs.py --out runs/bench-vae20-$(shell date +%Y%m%d-%H%M%S)

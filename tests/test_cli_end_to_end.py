@@ -27,3 +27,15 @@ def test_train_eval_sample_end_to_end(idx_dir, tmp_path, capsys):
         out = tmp_path / f"{cmd}.png"
         assert main([cmd, str(run), "--n", "4", "--out", str(out)]) == 0
         assert out.stat().st_size > 100
+
+
+def test_encode_writes_posterior_means_and_labels(idx_dir, tmp_path):
+    import numpy as np
+
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(idx_dir.parent), "--epochs", "1", "--out", str(run), *TINY]) == 0
+    out = tmp_path / "z.npz"
+    assert main(["encode", str(run), "--limit", "10", "--out", str(out)]) == 0
+    with np.load(out) as z:
+        assert z["z1_mean"].shape == (10, 4) and z["labels"].shape == (10,)
+        assert np.isfinite(z["z1_mean"]).all()

@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "interpolate":
             g.add_argument("--steps", type=int, default=10)
             g.add_argument("--spherical", action="store_true", help="slerp instead of linear")
+    n = sub.add_parser("encode", help="posterior means of test images (every level) to an .npz file")
+    n.add_argument("run", type=Path)
+    n.add_argument("--out", type=Path, help="NPZ path (default RUN/latents.npz)")
+    n.add_argument("--limit", type=int, help="the first N test images only")
+    n.add_argument("--device", default=None)
+    n.add_argument("--data-dir", help="override the run's data.data_dir")
+    n.add_argument("--no-ema", action="store_true")
     add_view_parsers(sub)
     return parser
 
@@ -341,7 +348,32 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_generate, "reconstruct": cmd_generate,
+@torch.no_grad()
+def cmd_encode(args) -> int:
+    """RUN/latents.npz: z{t}_mean [N, D_t] for each level t (1 nearest x) and the labels when known."""
+    import numpy as np
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1; got {args.limit}")
+    cfg, model = _run_and_model(args)
+    data = load_dataset(cfg.data.dataset, args.data_dir or cfg.data.data_dir)
+    x = test_input(data.test_x, cfg.model.likelihood)[: args.limit]
+    device = next(model.parameters()).device
+    torch.manual_seed(0)
+    means: list[list] = []
+    for lo in range(0, len(x), 500):
+        trace = model.infer(x[lo:lo + 500].to(device), 1)
+        means.append([lvl.q.mean.reshape(-1, lvl.q.mean.shape[-1]).cpu() for lvl in trace.levels])
+    arrays = {f"z{t + 1}_mean": torch.cat([m[t] for m in means]).numpy() for t in range(len(means[0]))}
+    if data.test_y is not None:
+        arrays["labels"] = data.test_y[: len(x)].numpy()
+    out = args.out or args.run / "latents.npz"
+    np.savez(out, **arrays)
+    print(out)
+    return 0
+
+
+COMMANDS = {"encode": cmd_encode, "train": cmd_train, "eval": cmd_eval, "sample": cmd_generate, "reconstruct": cmd_generate,
             "interpolate": cmd_generate, "edit": cmd_edit, "report": cmd_report}
 
 
