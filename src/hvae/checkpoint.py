@@ -18,11 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .errors import CheckpointError
+
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A missing, foreign or unreadable checkpoint; the message says which and what to do."""
 
 
 def write_json(path: Path, obj: Any) -> None:

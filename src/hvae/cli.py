@@ -17,9 +17,10 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, apply, from_dict, load_yaml, parse_set
 from .data import DataError, load_dataset, test_input
-from .rundir import RunDirError, prepare_new
+from .errors import InputError
+from .rundir import prepare_new
 
-BAD_INPUT = (ConfigError, DataError, ckpt.CheckpointError, RunDirError)
+BAD_INPUT = InputError
 
 
 class UsageError(ConfigError):

@@ -16,9 +16,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration; the message names the key and the fix."""
+from .errors import ConfigError
 
 
 @dataclass

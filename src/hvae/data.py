@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import DataError
+
 SYSTEM_DIR = Path("/usr/share/datasets")
 KNOWN = {"fashion-mnist": "Debian: sudo apt install dataset-fashion-mnist",
          "mnist": "download the four MNIST IDX files (train/t10k images/labels) into a folder"}
@@ -28,10 +30,6 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 NUMPY_READ_ERRORS = (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile)  # what np.load raises on bad files
 TEST_SEED = 0
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message says what is wrong and how to fix it."""
 
 
 @dataclass(frozen=True)

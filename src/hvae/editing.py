@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ConfigError
-from .data import DataError
+from .errors import ConfigError, DataError
 
 
 def lerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:

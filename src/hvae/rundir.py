@@ -10,11 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from .errors import RunDirError
 from .checkpoint import write_json
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used as asked; the message says why and which flag fixes it."""
 
 
 def prepare_new(out: Path, overwrite: bool) -> None:
