@@ -33,16 +33,20 @@ def tiny_images(n: int, seed: int, size: int = 28) -> np.ndarray:
     return x, labels.astype(np.uint8)
 
 
-@pytest.fixture
-def idx_dir(tmp_path: Path) -> Path:
-    """A folder shaped like Debian's /usr/share/datasets/fashion-mnist, with 256 train / 64 test images."""
-    folder = tmp_path / "fashion-mnist"
-    folder.mkdir()
-    for split, n, seed in (("train", 256, 0), ("t10k", 64, 1)):
+def make_idx_dir(folder: Path, n_train: int = 256, n_test: int = 64) -> Path:
+    """Write the four gzipped IDX files of a tiny Fashion-MNIST look-alike into `folder` (created)."""
+    folder.mkdir(parents=True)
+    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         x, y = tiny_images(n, seed)
         write_idx(folder / f"{split}-images-idx3-ubyte", x)
         write_idx(folder / f"{split}-labels-idx1-ubyte", y)
     return folder
+
+
+@pytest.fixture
+def idx_dir(tmp_path: Path) -> Path:
+    """A folder shaped like Debian's /usr/share/datasets/fashion-mnist, with 256 train / 64 test images."""
+    return make_idx_dir(tmp_path / "fashion-mnist")
 
 
 @pytest.fixture(autouse=True)

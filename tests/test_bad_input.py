@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_images, write_idx
+from conftest import make_idx_dir, write_idx
 
 from hvae import data
 from hvae.cli import main
@@ -20,12 +20,7 @@ TINY = ["--set", "model.hidden=[32]", "--set", "model.latent_dim=2", "--batch-si
 
 
 def make_idx(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    for split, n, seed in (("train", 64, 0), ("t10k", 32, 1)):
-        x, y = tiny_images(n, seed)
-        write_idx(folder / f"{split}-images-idx3-ubyte", x)
-        write_idx(folder / f"{split}-labels-idx1-ubyte", y)
-    return folder
+    return make_idx_dir(folder, n_train=64, n_test=32)
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import tiny_images, write_idx
+from conftest import make_idx_dir
 
 
 def run(out: Path, data: Path, seed: int, *extra: str) -> list[dict]:
@@ -27,12 +27,7 @@ def run(out: Path, data: Path, seed: int, *extra: str) -> list[dict]:
 
 
 def test_ddp_two_processes_track_one_process(tmp_path):
-    data = tmp_path / "fashion-mnist"
-    data.mkdir()
-    for split, n, seed in (("train", 512, 0), ("t10k", 64, 1)):
-        x, y = tiny_images(n, seed)
-        write_idx(data / f"{split}-images-idx3-ubyte", x)
-        write_idx(data / f"{split}-labels-idx1-ubyte", y)
+    make_idx_dir(tmp_path / "fashion-mnist", n_train=512)
     single = run(tmp_path / "s0", tmp_path, 0)
     other_seed = run(tmp_path / "s1", tmp_path, 1)
     ddp = run(tmp_path / "d0", tmp_path, 0, "--devices", "2", "--strategy", "ddp")
