@@ -119,7 +119,7 @@ def main() -> None:
     # 2. IW evaluation: importance samples decoded per second, hvae's evaluator vs the bare estimator.
     model = build_model(Config().model, data.data_shape)
     x = test_input(data.test_x, "bernoulli")[: args.eval_images]
-    chunk = chunk_for(args.k, 100, 25_000)
+    chunk = chunk_for(args.k, 100, 784)
     eval_speeds: dict[str, list[float]] = {"eval hvae": [], "eval bare": []}
     bare.eval()
     eval_roof = []
