@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--device", default=None)
         g.add_argument("--data-dir", help="override the run's data.data_dir")
         if name == "sample":
-            g.add_argument("--temperature", type=float, default=1.0, help="scales the prior's std (0: its mean)")
+            g.add_argument("--temperature", type=_float_list, default=[1.0],
+                           help="scales the prior's std (0: its mean); one value, or one per level (level 1 first)")
         if name == "interpolate":
             g.add_argument("--steps", type=int, default=10)
             g.add_argument("--spherical", action="store_true", help="slerp instead of linear")
@@ -95,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--device", default=None)
     n.add_argument("--data-dir", help="override the run's data.data_dir")
     n.add_argument("--no-ema", action="store_true")
+    lv = sub.add_parser("levels", help="what each level controls: keep the top levels of test images, redraw the rest")
+    lv.add_argument("run", type=Path)
+    lv.add_argument("--n", type=int, default=6, help="test images (rows)")
+    lv.add_argument("--samples", type=int, default=3, help="redraws per number of kept levels")
+    lv.add_argument("--temperature", type=_float_list, default=[1.0], help="one value, or one per level (level 1 first)")
+    lv.add_argument("--out", type=Path, help="PNG path (default RUN/levels.png)")
+    lv.add_argument("--seed", type=int, default=0)
+    lv.add_argument("--device", default=None)
+    lv.add_argument("--data-dir", help="override the run's data.data_dir")
     add_view_parsers(sub)
     return parser
 
@@ -268,15 +278,20 @@ def cmd_generate(args) -> int:
 
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1; got {args.n}")
-    if getattr(args, "temperature", 0.0) < 0 or getattr(args, "steps", 2) < 2:
-        raise ConfigError("--temperature must be >= 0 and --steps >= 2")
+    temps = getattr(args, "temperature", [1.0])
+    if not temps or min(temps) < 0 or getattr(args, "steps", 2) < 2:
+        raise ConfigError("--temperature must be >= 0 (one value, or one per level) and --steps >= 2")
     cfg, model = _run_and_model(args)
     torch.manual_seed(args.seed)
     device = next(model.parameters()).device
     out = args.out or args.run / f"{args.command}.png"
     with torch.no_grad():
         if args.command == "sample":
-            images, nrow = model.sample(args.n, args.temperature), 8
+            try:
+                images = model.sample(args.n, temps[0] if len(temps) == 1 else temps)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"--temperature {','.join(map(str, temps))}: {e}") from None
+            nrow = 8
         elif args.command == "reconstruct":
             x = _test_images(cfg, args, args.n).to(device)
             images, nrow = torch.stack([x, model.reconstruct(x)], 1).flatten(0, 1), 8
@@ -349,6 +364,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_levels(args) -> int:
+    from .editing import level_resamples
+    from .visualize import save_grid, to_unit_range
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1; got {args.n}")
+    cfg, model = _run_and_model(args)
+    torch.manual_seed(args.seed)
+    x = _test_images(cfg, args, args.n).to(next(model.parameters()).device)
+    temps = args.temperature[0] if len(args.temperature) == 1 else args.temperature
+    grid = level_resamples(model, x, args.samples, temps)  # [B, cols, *data]
+    out = args.out or args.run / "levels.png"
+    save_grid(to_unit_range(grid.flatten(0, 1), cfg.model.likelihood), out, nrow=grid.shape[1])
+    print(out)
+    return 0
+
+
 @torch.no_grad()
 def cmd_encode(args) -> int:
     """RUN/latents.npz: z{t}_mean [N, D_t] for each level t (1 nearest x) and the labels when known."""
@@ -374,7 +406,7 @@ def cmd_encode(args) -> int:
     return 0
 
 
-COMMANDS = {"encode": cmd_encode, "train": cmd_train, "eval": cmd_eval, "sample": cmd_generate, "reconstruct": cmd_generate,
+COMMANDS = {"levels": cmd_levels, "encode": cmd_encode, "train": cmd_train, "eval": cmd_eval, "sample": cmd_generate, "reconstruct": cmd_generate,
             "interpolate": cmd_generate, "edit": cmd_edit, "report": cmd_report}
 
 

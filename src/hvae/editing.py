@@ -223,3 +223,21 @@ def model_device(model) -> torch.device:
         return next(model.parameters()).device
     except (AttributeError, StopIteration):
         return torch.device("cpu")
+
+
+@torch.no_grad()
+def level_resamples(model, x: Tensor, samples: int = 4, temperature: float | Sequence[float] = 1.0) -> Tensor:
+    """What each level controls: for keep = T, T-1, ..., 0, `samples` images that keep the top `keep` levels
+    of x's posterior means and redraw the levels below from the prior. x: [B, *data] ->
+    [B, 1 + (T + 1) * samples, *data], the input first. Needs a hierarchical model (resample_lower)."""
+    if not hasattr(model, "resample_lower"):
+        raise ConfigError("this picture needs a hierarchical model (mhvae or ladder); a flat VAE has one level")
+    if samples < 1:
+        raise ConfigError(f"--samples must be >= 1; got {samples}")
+    try:
+        columns = [model.resample_lower(x, keep, temperature) for keep in range(model.n_levels, -1, -1)
+                   for _ in range(samples)]
+    except ValueError as e:  # e.g. the wrong number of per-level temperatures
+        raise ConfigError(str(e)) from None
+    return torch.stack([x.to(columns[0].dtype), *columns], dim=1)
+

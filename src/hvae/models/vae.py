@@ -74,8 +74,12 @@ class VAE(nn.Module):
         """Mean of p(x | z = E_q[z]): [B, *data]."""
         return self.decode(self.encode(x)).mean
 
-    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        """z ~ N(0, t^2 I) (t = 0: z = 0), decoded to the mean of p(x|z): [n, *data]."""
-        p = DiagonalGaussian.standard(torch.empty(n, self.latent_dim, device=self.head.linear.weight.device,
-                                                   dtype=self.head.linear.weight.dtype))
+    def sample(self, n: int, temperature: float | Sequence[float] = 1.0) -> Tensor:
+        """z ~ N(0, t^2 I) (t = 0: z = 0), decoded to the mean of p(x|z): [n, *data]. One level: one t."""
+        if not isinstance(temperature, (int, float)):
+            if len(temperature) != 1:
+                raise ValueError(f"got {len(temperature)} temperatures for 1 level; give one")
+            temperature = temperature[0]
+        weight = self.head.linear.weight
+        p = DiagonalGaussian.standard(torch.empty(n, self.latent_dim, device=weight.device, dtype=weight.dtype))
         return self.decode(p.rsample(temperature=temperature)).mean
