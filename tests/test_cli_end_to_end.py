@@ -39,3 +39,19 @@ def test_encode_writes_posterior_means_and_labels(idx_dir, tmp_path):
     with np.load(out) as z:
         assert z["z1_mean"].shape == (10, 4) and z["labels"].shape == (10,)
         assert np.isfinite(z["z1_mean"]).all()
+
+
+def test_hierarchical_generation_from_the_cli(idx_dir, tmp_path, capsys):
+    run = tmp_path / "mhvae"
+    assert main(["train", "--data-dir", str(idx_dir.parent), "--epochs", "1", "--model", "mhvae", "--out", str(run),
+                 "--set", "model.levels=2", "--set", "model.latent_dims=[4,2]", *TINY]) == 0
+    assert main(["sample", str(run), "--n", "4", "--temperature", "1.0,0.5", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["levels", str(run), "--n", "2", "--samples", "2", "--out", str(tmp_path / "l.png")]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "l.png") as img:
+        width, height = img.size
+    assert width > height  # rows: 2 images; columns: input + (T + 1) * 2 redraws
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "4", "--temperature", "1,1,1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "temperatures" in capsys.readouterr().err

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model into a run directory")
     t.add_argument("--config", help="YAML preset (sections model/data/train)")
     t.add_argument("--model", help="vae | mhvae | ladder (model.name)")
+    t.add_argument("--levels", type=int, help="latent levels of mhvae/ladder (model.levels)")
     t.add_argument("--dataset", help="fashion-mnist | mnist | PATH.npz | PATH.npy (data.dataset)")
     t.add_argument("--data-dir", help="folder holding the IDX files (data.data_dir)")
     t.add_argument("--epochs", type=int, help="train.epochs")
@@ -170,14 +171,14 @@ def resolve_train_config(args) -> Config:
         if args.out and args.out != args.resume:
             raise ConfigError("--resume DIR continues DIR itself; drop --out (or give the same folder)")
         cfg = from_dict(ckpt.read_json(args.resume / "config.json"))
-        others = [f for f in ("config", "model", "dataset", "data_dir", "batch_size", "lr", "seed") if getattr(args, f)]
+        others = [f for f in ("config", "model", "levels", "dataset", "data_dir", "batch_size", "lr", "seed") if getattr(args, f)]
         if others or args.set:
             raise ConfigError(f"--resume uses the run's saved config; only --epochs may change (got --{(others or ['set'])[0].replace('_', '-')})")
         return apply(cfg, {"train.epochs": args.epochs} if args.epochs is not None else {})
     if not args.out:
         raise ConfigError("hvae train needs --out DIR (the run directory) or --resume DIR")
     updates = load_yaml(args.config) if args.config else {}
-    flags = {"model.name": args.model, "data.dataset": args.dataset, "data.data_dir": args.data_dir,
+    flags = {"model.name": args.model, "model.levels": args.levels, "data.dataset": args.dataset, "data.data_dir": args.data_dir,
              "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,
              "train.seed": args.seed, "train.accelerator": args.device, "train.devices": args.devices,
              "train.strategy": args.strategy, "train.precision": args.precision}
@@ -264,6 +265,9 @@ def cmd_eval(args) -> int:
     x = _test_images(cfg, args, args.limit)
     result = evaluate(model, x, k=args.k, batch_size=args.batch_size, device=args.device or default_device(),
                       progress=not args.no_progress)
+    for level in result["collapsed_levels"]:
+        print(f"hvae eval: warning: level {level} has collapsed (mean KL {result['kl_per_level'][level - 1]:.4f} "
+              "nats); try KL warm-up (train.warmup_epochs) or free bits (train.free_bits)", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:

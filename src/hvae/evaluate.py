@@ -14,6 +14,7 @@ from tqdm import tqdm
 from .objectives import bits_per_dim, elbo_terms, iw_bound, log_importance_weights
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al.: a unit is active when Cov_x(E_q[z_u]) > 0.01
+COLLAPSE_NATS = 0.01  # a level whose mean KL is below this carries no information about x
 
 
 TENSOR_BYTES = 8 << 20  # largest activation per decoder call
@@ -68,5 +69,6 @@ def evaluate(model: nn.Module, x: Tensor, k: int = 1000, batch_size: int = 100,
         "elbo": rec - kl, "reconstruction": rec, "kl": kl, "iw_nll": iw_nll, "k": k, "n_images": n,
         "bits_per_dim": bits_per_dim(iw_nll, n_dims), "active_units": sum(active),
         "kl_per_level": (kl_levels / n).tolist(), "active_units_per_level": active,
+        "collapsed_levels": [t + 1 for t, kl_t in enumerate((kl_levels / n).tolist()) if kl_t < COLLAPSE_NATS],
         "seconds": time.perf_counter() - start,
     }

@@ -77,3 +77,54 @@ def conv_decoder(channels: Sequence[int], out_channels: int, act: str = "relu") 
     for c_in, c_out in zip(channels, (*channels[1:], out_channels)):
         layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), activation(act)]
     return nn.Sequential(*layers[:-1])
+
+
+# Blocks for the hierarchical models (models/mhvae.py, models/ladder.py).
+
+NORMS = ("none", "layer", "batch")
+
+
+class FlatBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the last dim of [..., n] (statistics over all leading dims, e.g. samples and batch)."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        return super().forward(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+
+
+def norm_layer(kind: str, n: int) -> nn.Module | None:
+    """LayerNorm, BatchNorm (over all leading dims) or nothing, by name."""
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORMS)}")
+    if kind == "none":
+        return None
+    return nn.LayerNorm(n) if kind == "layer" else FlatBatchNorm(n)
+
+
+def normed_mlp(sizes: Sequence[int], act: str = "relu", final_act: bool = True, norm: str = "none") -> nn.Sequential:
+    """Linear layers sizes[0] -> ... -> sizes[-1], each followed by [norm] + act (the last only if final_act).
+
+    One size gives the identity ([..., n] -> [..., n]): a level with no hidden layers is linear in its inputs.
+    """
+    layers: list[nn.Module] = []
+    for i, n_out in enumerate(sizes[1:]):
+        layers.append(nn.Linear(sizes[i], n_out))
+        if i < len(sizes) - 2 or final_act:
+            layer = norm_layer(norm, n_out)
+            layers += ([layer] if layer is not None else []) + [activation(act)]
+    return nn.Sequential(*layers)
+
+
+class GaussianMLP(nn.Module):
+    """A diagonal Gaussian from a small MLP: [..., n_in] -> DiagonalGaussian over [..., n_out].
+
+    hidden = () makes it linear: mean = W h + b, log_var = V h + c.
+    """
+
+    def __init__(self, n_in: int, hidden: Sequence[int], n_out: int, act: str = "relu", norm: str = "none",
+                 variance: str = "clamp"):
+        super().__init__()
+        self.trunk = normed_mlp([n_in, *hidden], act, final_act=True, norm=norm)
+        self.head = GaussianHead(hidden[-1] if hidden else n_in, n_out, variance)
+
+    def forward(self, h: Tensor) -> DiagonalGaussian:
+        return self.head(self.trunk(h))

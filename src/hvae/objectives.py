@@ -37,7 +37,9 @@ class ElboTerms(NamedTuple):
 def level_rate(level: Level, analytic_kl: bool = True) -> Tensor:
     """KL(q || p) in closed form when allowed and asked for, else mean_S [log q(z) - log p(z)]. -> [B]."""
     if analytic_kl and level.analytic_kl:
-        return level.q.kl(level.p)
+        kl = level.q.kl(level.p)
+        # Why: a q conditioned on sampled latents has [S, B] parameters; average its KL over those S samples.
+        return kl.mean(0) if kl.dim() == level.z.dim() - level.q.event_ndim else kl
     log_ratio = level.q.log_prob(level.z) - level.p.log_prob(level.z)  # [S, B], may be < 0
     return log_ratio.mean(0)
 

@@ -6,9 +6,15 @@ from typing import Sequence
 
 from torch import nn
 
+from ..nets import NORMS
+from .ladder import LadderVAE
+from .levels import level_sizes
+from .mhvae import MHVAE
 from .vae import VAE
 
-__all__ = ["VAE", "build_model"]
+__all__ = ["VAE", "MHVAE", "LadderVAE", "build_model"]
+
+MODELS = ("vae", "mhvae", "ladder")
 
 
 def build_model(cfg, data_shape: Sequence[int]) -> nn.Module:
@@ -16,4 +22,16 @@ def build_model(cfg, data_shape: Sequence[int]) -> nn.Module:
     if cfg.name == "vae":
         return VAE(data_shape, cfg.latent_dim, cfg.hidden, cfg.arch, cfg.conv_channels, cfg.likelihood,
                    cfg.activation, cfg.variance)
-    raise ValueError(f"unknown model {cfg.name!r}; choose 'vae'")
+    if cfg.name not in MODELS:
+        raise ValueError(f"unknown model {cfg.name!r}; choose one of {', '.join(MODELS)}")
+    if cfg.name == "mhvae" and cfg.arch != "mlp":
+        raise ValueError(f"model 'mhvae' has only the 'mlp' arch; got model.arch={cfg.arch!r}")
+    if cfg.norm not in NORMS:
+        raise ValueError(f"unknown model.norm {cfg.norm!r}; choose one of {', '.join(NORMS)}")
+    dims = level_sizes(cfg.latent_dims, cfg.levels, cfg.latent_dim)
+    common = dict(hidden=cfg.hidden, level_hidden=cfg.level_hidden, likelihood=cfg.likelihood,
+                  activation=cfg.activation, variance=cfg.variance, norm=cfg.norm)
+    if cfg.name == "mhvae":
+        return MHVAE(data_shape, dims, **common)
+    return LadderVAE(data_shape, dims, posterior=cfg.posterior, skip=cfg.skip, arch=cfg.arch,
+                     conv_channels=cfg.conv_channels, **common)
