@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-RUN ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+# Evaluated once (:=), so every step of `make demo` uses the same folder; `make demo RUN=DIR` to choose.
+ifndef RUN
+RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+endif
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup data browser demo test test-all bench
