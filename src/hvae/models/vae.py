@@ -14,6 +14,7 @@ from ..distributions import DiagonalGaussian
 from ..likelihoods import channels_per_pixel, make_likelihood
 from ..nets import GaussianHead, conv_decoder, conv_encoder, mlp
 from ..protocol import Level, Trace
+from .levels import per_level
 
 
 class VAE(nn.Module):
@@ -76,10 +77,7 @@ class VAE(nn.Module):
 
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0) -> Tensor:
         """z ~ N(0, t^2 I) (t = 0: z = 0), decoded to the mean of p(x|z): [n, *data]. One level: one t."""
-        if not isinstance(temperature, (int, float)):
-            if len(temperature) != 1:
-                raise ValueError(f"got {len(temperature)} temperatures for 1 level; give one")
-            temperature = temperature[0]
+        temperature = per_level(temperature, 1)[0]
         weight = self.head.linear.weight
         p = DiagonalGaussian.standard(torch.empty(n, self.latent_dim, device=weight.device, dtype=weight.dtype))
         return self.decode(p.rsample(temperature=temperature)).mean
