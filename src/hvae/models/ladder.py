@@ -26,7 +26,7 @@ from ..likelihoods import channels_per_pixel, make_likelihood
 from ..nets import GaussianHead, GaussianMLP, ResidualCell, activation, conv_decoder, conv_encoder, mlp, normed_mlp
 from ..numerics import bounded_log_var
 from ..protocol import Level, Trace
-from .levels import ConditionalGaussian, per_level
+from .levels import per_level
 
 POSTERIORS = ("residual", "precision", "independent")
 
@@ -172,8 +172,7 @@ class LadderVAE(nn.Module):
         """Bottom-up pass, then z_T ~ q(z_T|x), z_t ~ q(z_t | z_{>t}, x) top-down, each scored under
         p(z_t | z_{>t}) computed alongside (closed-form KL valid at every level). z_t: [S, B, D_t]."""
         steps = self._descend(len(x), self.bottom_up(x), self.n_levels, [1.0] * self.n_levels, False, n_samples)
-        levels = [Level(z, q if t == self.n_levels - 1 else ConditionalGaussian.of(q), p, analytic_kl=True)
-                  for t, (z, q, p) in enumerate(steps)]
+        levels = [Level(z, q, p, analytic_kl=True) for z, q, p in steps]
         return SkipTrace(tuple(levels)) if self.skip else Trace(tuple(levels))
 
     def decode(self, z1: Tensor):

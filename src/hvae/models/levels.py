@@ -1,37 +1,8 @@
-"""Helpers shared by the hierarchical models (mhvae.py, ladder.py): per-level temperatures, latent sizes,
-and the Gaussian of a level whose parameters depend on sampled latents.
-
-A level's rate with a closed-form KL (eq. 3's prior-matching term, per level of eq. 8) is
-E_{z_cond ~ q}[KL(q(z_t | z_cond) || p(z_t | z_cond))] when both q and p are conditioned on latents z_cond
-sampled before z_t. Its Monte Carlo estimate averages the closed-form KL over the S samples of z_cond.
-"""
+"""Helpers shared by the models (vae.py, mhvae.py, ladder.py): per-level temperatures and latent sizes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
-
-from torch import Tensor
-
-from ..distributions import DiagonalGaussian
-
-
-@dataclass(frozen=True)
-class ConditionalGaussian(DiagonalGaussian):
-    """A DiagonalGaussian whose parameters carry the S samples it was conditioned on: mean [S, B, *event].
-
-    kl() returns the rate per example, the closed-form KL averaged over those S samples: -> [B], nats.
-    (objectives.level_rate expects a [B] rate from a level's closed-form KL.) log_prob and rsample are
-    the DiagonalGaussian's: log_prob(z) with z [S, B, *event] -> [S, B].
-    """
-
-    @staticmethod
-    def of(g: DiagonalGaussian) -> "ConditionalGaussian":
-        return ConditionalGaussian(g.mean, g.log_var, g.event_ndim)
-
-    def kl(self, other: DiagonalGaussian) -> Tensor:
-        """mean_S KL(q(z_t | z_cond^s) || p(z_t | z_cond^s)): [S, B, *event] params -> [B], nats >= 0."""
-        return super().kl(other).mean(0)
 
 
 def per_level(temperature: float | Sequence[float], n_levels: int) -> list[float]:

@@ -25,7 +25,7 @@ from ..distributions import DiagonalGaussian
 from ..likelihoods import channels_per_pixel, make_likelihood
 from ..nets import GaussianHead, GaussianMLP, mlp
 from ..protocol import Level, Trace
-from .levels import ConditionalGaussian, per_level
+from .levels import per_level
 
 
 class MHVAE(nn.Module):
@@ -69,8 +69,8 @@ class MHVAE(nn.Module):
             zs.append(qs[-1].rsample())
         priors = [down(z) for down, z in zip(self.down, zs[1:])]  # p(z_{t-1} | z_t), t = 2..T
         levels = [Level(z, q, p, analytic_kl=False) for z, q, p in zip(zs, qs, priors)]
-        # The top: q(z_T | z_{T-1}) carries the S samples of z_{T-1} (T > 1), so its KL is averaged over them.
-        top_q = qs[-1] if self.n_levels == 1 else ConditionalGaussian.of(qs[-1])
+        # The top: for T > 1, q(z_T | z_{T-1}) carries the S samples of z_{T-1}; level_rate averages its KL.
+        top_q = qs[-1]
         levels.append(Level(zs[-1], top_q, DiagonalGaussian.standard(top_q.mean), analytic_kl=True))
         return Trace(tuple(levels))
 
