@@ -219,7 +219,7 @@ def cmd_train(args) -> int:
 
     cfg = resolve_train_config(args)
     validate(cfg)
-    out = args.resume or args.out
+    out, data = args.resume or args.out, None  # other DDP ranks load the data inside train()
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
         data = load_dataset(cfg.data.dataset, cfg.data.data_dir)  # bad data fails here, before DIR is touched
         n_train = len(data.train_x) - cfg.data.validation
@@ -234,7 +234,7 @@ def cmd_train(args) -> int:
             ckpt.checkpoint_dir(args.resume)
         else:
             prepare_new(out, args.overwrite)
-    train(cfg, out, resume=bool(args.resume), argv=sys.argv, progress=not args.no_progress)
+    train(cfg, out, resume=bool(args.resume), argv=sys.argv, progress=not args.no_progress, data=data)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"trained: {out}", file=sys.stderr)
     return 0

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
-from .data import epoch_order, load_dataset, split_validation, test_input, to_model_input
+from .data import Dataset, epoch_order, load_dataset, split_validation, test_input, to_model_input
 from .models import build_model
 from .objectives import TrainingObjective, elbo, training_objective
 from .rundir import MetricsLog, write_provenance
@@ -122,8 +122,11 @@ class UpdateGuard:
         return True, norm
 
 
-def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = None, progress: bool = True) -> Path:
-    """Train per `cfg` into run directory `out` (validated by the caller; created if missing). Returns `out`."""
+def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = None, progress: bool = True,
+          data: Dataset | None = None) -> Path:
+    """Train per `cfg` into run directory `out` (validated by the caller; created if missing). Returns `out`.
+
+    `data`: the dataset of cfg.data when the caller has already loaded it (else it is loaded here)."""
     t = cfg.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
@@ -135,7 +138,7 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     local_batch = t.batch_size // world
 
     # 1. Data and model. Every rank starts from rank 0's seed; DDP also broadcasts rank 0's weights.
-    data = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    data = data or load_dataset(cfg.data.dataset, cfg.data.data_dir)
     train_x, _, val_x, _ = split_validation(data.train_x, data.train_y, cfg.data.validation, t.seed)
     steps_per_epoch = len(train_x) // t.batch_size
     if steps_per_epoch == 0:
