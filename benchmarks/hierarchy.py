@@ -11,6 +11,13 @@ Two stages, each a set of `hvae train` runs (niced, one torch thread each, at mo
           validation split (the same seeded hold-out it was trained without): selection on the bound we report.
   speed   seconds per training step of each FINALS configuration, measured in one process, round-robin
           (so all models see the same load), one torch thread; reported x 468 steps as seconds/epoch.
+  curve   each FINALS configuration from scratch (--seed), trained in stages to each --milestones epoch by exact
+          resume (so the stages equal one run), evaluated after each stage on the first --limit test images
+          into RUN/eval-e<N>.json and, at --full epochs, on all 10,000 into RUN/eval-e<N>-full.json.
+  plot    test IW-NLL against epochs and against training seconds of run directories evaluated by `curve`:
+          curves.png beside the first run, and the table of points. Seconds are the run's cumulative
+          epoch_seconds, or with --speed FILE (written by `speed --json FILE`) epochs x that configuration's
+          seconds/epoch measured round-robin in one process, which other jobs on the machine cannot skew.
   levels  for each run directory, RUN/levels.png: per test image (a row), keep the top `keep` levels of its
           posterior means, redraw the levels below from the prior (keep = T, ..., 0; 4 draws each).
 Seconds per epoch is the median `epoch_seconds` of a run; its ratio is to the flat VAE's of the same stage,
@@ -23,6 +30,9 @@ trained side by side under the same load. Runs go to runs/hierarchy/<stage>/<nam
     python benchmarks/hierarchy.py table runs/hierarchy/final/* --at 20
     python benchmarks/hierarchy.py valiw runs/hierarchy/select/* --k 100 --limit 1000
     python benchmarks/hierarchy.py speed
+    python benchmarks/hierarchy.py curve --seed 1 --root runs/hierarchy/seed1
+    python benchmarks/hierarchy.py speed --json runs/hierarchy/speed.json
+    python benchmarks/hierarchy.py plot runs/hierarchy/seed1/curve/* --speed runs/hierarchy/speed.json
     python benchmarks/hierarchy.py levels runs/hierarchy/final/mhvae-t3 runs/hierarchy/final/best-ladder
 """
 
@@ -81,7 +91,7 @@ def train_cmd(args: list[str], out: Path, epochs: int, validation: int) -> list[
 
 
 def eval_cmd(out: Path, k: int, limit: int | None) -> list[str]:
-    return ["nice", "-n", "10", *HVAE, "eval", str(out), "--k", str(k), "--json", "--no-progress",
+    return ["OMP_NUM_THREADS=1", "nice", "-n", "10", *HVAE, "eval", str(out), "--k", str(k), "--json", "--no-progress",
             *(["--limit", str(limit)] if limit else [])]
 
 
@@ -100,6 +110,75 @@ def run_pool(jobs: list[tuple[str, list[list[str]], Path]], width: int) -> None:
             if proc.poll() is not None:
                 print(f"done {name}: exit {proc.returncode}", file=sys.stderr)
                 running.remove((name, proc))
+
+
+MILESTONES = [1, 3, 10, 20, 40, 70, 100]
+
+
+def curve_job(name: str, out: Path, seed: int, milestones: list[int], full: set[int], k: int, limit: int) -> list[list[str]]:
+    """Train `name` to each milestone by resuming the same run; evaluate after each stage."""
+    cmds = []
+    for i, epochs in enumerate(milestones):
+        if i == 0:
+            cmds.append(train_cmd([*FINALS[name], "--set", f"train.seed={seed}"], out, epochs, 0))
+        else:
+            cmds.append(["nice", "-n", "10", *HVAE, "train", "--resume", str(out), "--epochs", str(epochs), "--no-progress"])
+        cmds.append([*eval_cmd(out, k, limit), ">", str(out / f"eval-e{epochs}.json")])
+        if epochs in full:
+            cmds.append([*eval_cmd(out, k, None), ">", str(out / f"eval-e{epochs}-full.json")])
+    return cmds
+
+
+def read_eval(path: Path) -> dict | None:
+    text = path.read_text().strip() if path.exists() else ""
+    return json.loads(text.splitlines()[-1]) if text else None
+
+
+def curve_points(run: Path, sec_per_epoch: float | None = None) -> list[tuple[int, float, float]]:
+    """(epoch, training seconds, IW-NLL) at every epoch with an eval-e<N>.json; seconds are cumulative
+    epoch_seconds, or epoch x sec_per_epoch when given."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    seconds, total = {}, 0.0
+    for line in lines:
+        if "epoch_seconds" in line:
+            total += line["epoch_seconds"]
+            seconds[line["epoch"]] = line["epoch"] * sec_per_epoch if sec_per_epoch else total
+    points = []
+    for epoch, sec in sorted(seconds.items()):
+        ev = read_eval(run / f"eval-e{epoch}.json")
+        if ev:
+            points.append((epoch, sec, ev["iw_nll"]))
+    return points
+
+
+def plot_curves(runs: list[Path], speed: dict[str, float]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for run in runs:
+        points = curve_points(run, speed.get(run.name))
+        if not points:
+            continue
+        epochs, seconds, nll = zip(*points)
+        by_epoch.plot(epochs, nll, marker="o", label=run.name)
+        by_time.plot(seconds, nll, marker="o", label=run.name)
+    time_label = "training seconds (one torch thread): epochs x measured s/epoch" if speed else "training seconds (one torch thread)"
+    for ax, label in ((by_epoch, "epochs"), (by_time, time_label)):
+        ax.set_xlabel(label)
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    by_epoch.set_ylabel("test IW-NLL, k = 1000, first 2000 images (nats)")
+    lows = [p[2] for r in runs for p in curve_points(r)]
+    if lows:
+        by_epoch.set_ylim(min(lows) - 1, min(lows) + 15)
+    by_time.legend(fontsize=8)
+    fig.tight_layout()
+    out = runs[0].parent / "curves.png"
+    fig.savefig(out, dpi=110)
+    return out
 
 
 def summarize(run: Path, at: int | None = None) -> dict:
@@ -204,7 +283,7 @@ def step_speed(names: list[str], rounds: int = 5, steps: int = 20) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("select", "final", "table", "levels", "valiw", "speed"))
+    parser.add_argument("stage", choices=("select", "final", "table", "levels", "valiw", "speed", "curve", "plot"))
     parser.add_argument("runs", nargs="*", type=Path, help="run directories (table)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--only", nargs="*", help="run only these names")
@@ -214,12 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "hierarchy")
     parser.add_argument("--extend", action="store_true", help="final: resume finished runs to --epochs")
     parser.add_argument("--at", type=int, help="table: summarize at this epoch")
+    parser.add_argument("--json", type=Path, help="speed: also write {name: seconds/epoch} here")
+    parser.add_argument("--speed", type=Path, help="plot: seconds/epoch per configuration (from speed --json)")
+    parser.add_argument("--seed", type=int, default=0, help="curve: train.seed of the runs")
+    parser.add_argument("--milestones", type=int, nargs="*", default=MILESTONES, help="curve: evaluate at these epochs")
+    parser.add_argument("--full", type=int, nargs="*", default=[20, 100], help="curve: also evaluate all 10,000 here")
     args = parser.parse_args(argv)
     if args.stage == "table":
         print(table(args.runs, args.at))
         return 0
     if args.stage == "speed":
         speeds = step_speed(args.only or list(FINALS))
+        if args.json:
+            args.json.write_text(json.dumps(speeds, indent=2))
         flat = speeds.get("flat-vae")
         print("| configuration | s/epoch (468 steps) | x flat |\n|---|---|---|")
         for name, sec in speeds.items():
@@ -231,6 +317,26 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"| {r['name']} | {r['val_iw_nll']:.2f} | {r['val_neg_elbo']:.2f} | "
                   f"{', '.join(f'{v:.1f}' for v in r['kl_per_level'])} |")
+        return 0
+    if args.stage == "plot":
+        speed = json.loads(args.speed.read_text()) if args.speed else {}
+        print(plot_curves(args.runs, speed))
+        print("| run | " + " | ".join(f"e{m}" for m in args.milestones) + " |")
+        print("|---|" + "---|" * len(args.milestones))
+        for run in args.runs:
+            at = {e: (s, v) for e, s, v in curve_points(run, speed.get(run.name))}
+            cells = [f"{at[m][1]:.2f} ({at[m][0]:.0f} s)" if m in at else "" for m in args.milestones]
+            print(f"| {run.name} | " + " | ".join(cells) + " |")
+        return 0
+    if args.stage == "curve":
+        names = args.only or list(FINALS)
+        jobs = []
+        for name in names:
+            out = args.root / "curve" / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cmds = curve_job(name, out, args.seed, sorted(args.milestones), set(args.full), args.k, args.limit or 2000)
+            jobs.append((name, cmds, out.with_name(f"{name}.log")))
+        run_pool(jobs, args.jobs)
         return 0
     if args.stage == "levels":
         for run in args.runs:

@@ -127,6 +127,25 @@ def test_update_skipping_is_capped_so_training_never_stalls(idx_dir, tmp_path):
     assert before is None and state["step"] == steps
 
 
+@pytest.mark.parametrize("want_norm", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_guard_catches_a_nonfinite_gradient_under_a_finite_loss(want_norm, bad):
+    """With or without the norm (it is computed only at logging steps), one bad gradient entry is caught."""
+    from hvae.train import UpdateGuard
+
+    params = [torch.nn.Parameter(torch.ones(3, 4)), torch.nn.Parameter(torch.ones(5))]
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    guard = UpdateGuard(Config().train, {"skipped": 0, "nonfinite": 0, "clipped_after_skips": 0})
+    applied, norm = guard.allow(torch.tensor(1.0), params, 0, want_norm=want_norm)
+    assert applied and (norm is None) != want_norm
+    if want_norm:
+        assert torch.isclose(norm, torch.tensor(0.5 * 17 ** 0.5))
+    params[1].grad[2] = bad
+    applied, _ = guard.allow(torch.tensor(1.0), params, 1, want_norm=want_norm)
+    assert not applied and guard.counters["nonfinite"] == 1
+
+
 def test_checkpoint_crash_mid_write_keeps_previous(tmp_path, monkeypatch):
     w1 = {"a": torch.ones(3)}
     ckpt.save_checkpoint(tmp_path, w1, {"step": 1})
