@@ -76,6 +76,7 @@ CANDIDATES: dict[str, list[str]] = {
 FINALS: dict[str, list[str]] = {
     "flat-vae": ["--config", "configs/flat-vae.yaml"],
     "flat-vae-warmup": ["--config", "configs/flat-vae.yaml", "--set", "train.warmup_epochs=2"],
+    "flat-vae-matched": ["--config", "configs/flat-vae-matched.yaml"],  # best-hierarchical's training options
     "best-ladder": ["--config", "configs/best-ladder.yaml"],
     "mhvae-t2": ["--config", "configs/mhvae-t2.yaml"],
     "mhvae-t3": ["--config", "configs/mhvae-t3.yaml"],

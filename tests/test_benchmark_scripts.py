@@ -1,0 +1,42 @@
+"""The benchmark scripts' bookkeeping (no training): curve milestones and the points they read back."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def hierarchy():
+    spec = importlib.util.spec_from_file_location("hierarchy", ROOT / "benchmarks" / "hierarchy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_curve_job_trains_once_then_resumes_and_evaluates_at_every_milestone(hierarchy, tmp_path):
+    cmds = [" ".join(c) for c in hierarchy.curve_job("flat-vae", tmp_path, 3, [1, 5, 20], {20}, 1000, 2000)]
+    trains = [c for c in cmds if " train " in c]
+    assert len(trains) == 3 and "--out" in trains[0] and "train.seed=3" in trains[0]
+    assert all(f"--resume {tmp_path}" in c for c in trains[1:]) and trains[2].endswith("--epochs 20 --no-progress")
+    evals = [c for c in cmds if " eval " in c]
+    assert [c.rsplit("/", 1)[1] for c in evals] == ["eval-e1.json", "eval-e5.json", "eval-e20.json", "eval-e20-full.json"]
+    assert all("--limit 2000" in c for c in evals[:3]) and "--limit" not in evals[3]
+
+
+def test_curve_points_pair_each_evaluation_with_its_epoch_and_seconds(hierarchy, tmp_path):
+    run = tmp_path / "flat-vae"
+    run.mkdir()
+    lines = [{"step": 10, "epoch": 0.5, "loss": 1.0}] + [{"epoch": e, "epoch_seconds": 2.0} for e in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (run / "eval-e1.json").write_text(json.dumps({"iw_nll": 250.0}) + "\n")
+    (run / "eval-e3.json").write_text(json.dumps({"iw_nll": 240.0}) + "\n")
+    (run / "eval-e2.json").write_text("")  # still being written: skipped
+    assert hierarchy.curve_points(run) == [(1, 2.0, 250.0), (3, 6.0, 240.0)]
+    assert hierarchy.curve_points(run, sec_per_epoch=5.0) == [(1, 5.0, 250.0), (3, 15.0, 240.0)]
+    assert hierarchy.plot_curves([run], {"flat-vae": 5.0}).exists()
