@@ -251,12 +251,13 @@ def validation_iw(run: Path, k: int, limit: int) -> dict:
 
 
 def step_speed(names: list[str], rounds: int = 5, steps: int = 20) -> dict[str, float]:
-    """Median over `rounds` of the mean time of `steps` training steps (batch 128, Adam) -> seconds/epoch."""
+    """Median over `rounds` of the mean time of `steps` training steps (batch 128, hvae train's optimizer) -> seconds/epoch."""
     import torch
 
     from hvae.config import Config, apply, load_yaml, parse_set
     from hvae.models import build_model
     from hvae.objectives import TrainingObjective, training_objective
+    from hvae.train import make_optimizer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -268,7 +269,7 @@ def step_speed(names: list[str], rounds: int = 5, steps: int = 20) -> dict[str, 
             updates.update(load_yaml(ROOT / value) if flag == "--config" else parse_set([value]))
         cfg = apply(Config(), updates)
         model = build_model(cfg.model, (1, 28, 28))
-        setups[name] = (model, torch.optim.Adam(model.parameters(), 1e-3), TrainingObjective(iw_k=cfg.train.iw_k))
+        setups[name] = (model, make_optimizer(cfg, model.parameters()), TrainingObjective(iw_k=cfg.train.iw_k))  # as hvae train
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(rounds):
         for name, (model, opt, spec) in setups.items():
