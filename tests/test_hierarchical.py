@@ -286,6 +286,8 @@ def test_temperature_zero_is_deterministic_per_level_too(name):
     torch.manual_seed(1)
     assert torch.equal(a, model.sample(4, 0.0))
     torch.testing.assert_close(a, a[0].expand_as(a))  # every draw the same image (up to batched-matmul rounding)
+    torch.manual_seed(1)
+    assert torch.equal(a, model.sample(4, [0.0]))  # a one-item list is one temperature for every level
     if n_levels > 1:
         torch.manual_seed(1)
         assert torch.equal(a, model.sample(4, [0.0] * n_levels))

@@ -292,7 +292,7 @@ def cmd_generate(args) -> int:
     with torch.no_grad():
         if args.command == "sample":
             try:
-                images = model.sample(args.n, temps[0] if len(temps) == 1 else temps)
+                images = model.sample(args.n, temps)
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"--temperature {','.join(map(str, temps))}: {e}") from None
             nrow = 8
@@ -377,8 +377,7 @@ def cmd_levels(args) -> int:
     cfg, model = _run_and_model(args)
     torch.manual_seed(args.seed)
     x = _test_images(cfg, args, args.n).to(next(model.parameters()).device)
-    temps = args.temperature[0] if len(args.temperature) == 1 else args.temperature
-    grid = level_resamples(model, x, args.samples, temps)  # [B, cols, *data]
+    grid = level_resamples(model, x, args.samples, args.temperature)  # [B, cols, *data]
     out = args.out or args.run / "levels.png"
     save_grid(to_unit_range(grid.flatten(0, 1), cfg.model.likelihood), out, nrow=grid.shape[1])
     print(out)

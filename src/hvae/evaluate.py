@@ -64,11 +64,11 @@ def evaluate(model: nn.Module, x: Tensor, k: int = 1000, batch_size: int = 100,
         sums["iw"] += iw_bound(log_importance_weights(model, xb, k, chunk)).sum().item()
     active = [int(((s2 / n - (s1 / n) ** 2) > ACTIVE_THRESHOLD).sum()) for s1, s2 in mean_stats]
     iw_nll = -sums["iw"] / n
-    rec, kl = sums["reconstruction"] / n, sums["kl"] / n
+    rec, kl, kl_per_level = sums["reconstruction"] / n, sums["kl"] / n, (kl_levels / n).tolist()
     return {
         "elbo": rec - kl, "reconstruction": rec, "kl": kl, "iw_nll": iw_nll, "k": k, "n_images": n,
         "bits_per_dim": bits_per_dim(iw_nll, n_dims), "active_units": sum(active),
-        "kl_per_level": (kl_levels / n).tolist(), "active_units_per_level": active,
-        "collapsed_levels": [t + 1 for t, kl_t in enumerate((kl_levels / n).tolist()) if kl_t < COLLAPSE_NATS],
+        "kl_per_level": kl_per_level, "active_units_per_level": active,
+        "collapsed_levels": [t + 1 for t, kl_t in enumerate(kl_per_level) if kl_t < COLLAPSE_NATS],
         "seconds": time.perf_counter() - start,
     }

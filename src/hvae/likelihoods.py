@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -119,3 +120,12 @@ def make_likelihood(kind: str, params: Tensor, event_ndim: int, fixed_log_scale:
     log_scale = raw_scale.clamp(-7.0, 5.0)  # why: bounded scale, never an unbounded exp
     cls = Gaussian if kind == "gaussian-learned" else DiscretizedLogistic
     return cls(loc, log_scale, event_ndim)
+
+
+def decode_likelihood(decoder: Callable[[Tensor], Tensor], z: Tensor, kind: str, data_shape: Sequence[int]):
+    """p(x|z) from a decoder network over flat rows: z [*lead, D] -> decoder [N, D] -> [N, k*C, H, W] ->
+    a likelihood with parameters [*lead, k*C, H, W] (k = channels_per_pixel(kind); data shape [C, H, W] or [D])."""
+    lead = z.shape[:-1]
+    out = decoder(z.reshape(-1, z.shape[-1]))
+    params = out.reshape(*lead, channels_per_pixel(kind) * data_shape[0], *data_shape[1:])
+    return make_likelihood(kind, params, len(data_shape))

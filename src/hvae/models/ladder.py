@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributions import DiagonalGaussian
-from ..likelihoods import channels_per_pixel, make_likelihood
+from ..likelihoods import channels_per_pixel, decode_likelihood
 from ..nets import GaussianHead, GaussianMLP, ResidualCell, activation, conv_decoder, conv_encoder, mlp, normed_mlp
 from ..numerics import bounded_log_var
 from ..protocol import Level, Trace
@@ -71,7 +71,6 @@ class LadderVAE(nn.Module):
             raise ValueError(f"unknown posterior {posterior!r}; choose one of {', '.join(POSTERIORS)}")
         self.data_shape, self.latent_dims = tuple(data_shape), tuple(latent_dims)
         self.likelihood, self.posterior_kind, self.skip, self.variance = likelihood, posterior, skip, variance
-        self.event_ndim = len(self.data_shape)
         n_data, k, d, T = math.prod(self.data_shape), channels_per_pixel(likelihood), self.latent_dims, len(latent_dims)
         lh = list(level_hidden)
         # 1. Bottom-up d_1 = encoder(x) [B, f_1], d_t = up[t-2](d_{t-1}) [B, f_t]; the decoder of
@@ -178,11 +177,7 @@ class LadderVAE(nn.Module):
     def decode(self, z1: Tensor):
         """p(x | z_1), or p(x | z_1:T) with skip (z1 then [*lead, D_1 + ... + D_T], as SkipTrace.z1 gives):
         a likelihood with parameters [*lead, k*C, H, W]."""
-        lead = z1.shape[:-1]
-        out = self.decoder(z1.reshape(-1, z1.shape[-1]))
-        k = channels_per_pixel(self.likelihood)
-        return make_likelihood(self.likelihood, out.reshape(*lead, k * self.data_shape[0], *self.data_shape[1:]),
-                               self.event_ndim)
+        return decode_likelihood(self.decoder, z1, self.likelihood, self.data_shape)
 
     def _decoder_input(self, steps) -> Tensor:
         zs = [z for z, _, _ in steps]

@@ -6,11 +6,11 @@ from typing import Sequence
 
 
 def per_level(temperature: float | Sequence[float], n_levels: int) -> list[float]:
-    """One temperature for every level, or one per level (level 1, nearest x, first) -> list of T floats."""
-    if isinstance(temperature, (int, float)):
-        temps = [float(temperature)] * n_levels
-    else:
-        temps = [float(t) for t in temperature]
+    """One temperature for every level (a number or a one-item sequence), or one per level (level 1, nearest
+    x, first) -> list of T floats."""
+    temps = [float(temperature)] if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    if len(temps) == 1:
+        temps = temps * n_levels
     if len(temps) != n_levels:
         raise ValueError(f"got {len(temps)} temperatures for {n_levels} levels; give one, or one per level "
                          "(level 1, nearest x, first)")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributions import DiagonalGaussian
-from ..likelihoods import channels_per_pixel, make_likelihood
+from ..likelihoods import channels_per_pixel, decode_likelihood
 from ..nets import GaussianHead, GaussianMLP, mlp
 from ..protocol import Level, Trace
 from .levels import per_level
@@ -39,7 +39,6 @@ class MHVAE(nn.Module):
         self.data_shape = tuple(data_shape)
         self.latent_dims = tuple(latent_dims)
         self.likelihood = likelihood
-        self.event_ndim = len(self.data_shape)
         n_data, k, d = math.prod(self.data_shape), channels_per_pixel(likelihood), self.latent_dims
         # Level 1: the VAE's q(z_1|x) and p(x|z_1), same module names (T = 1 loads a VAE's state dict).
         self.encoder = nn.Sequential(nn.Flatten(), mlp([n_data, *hidden], activation, final_act=True))
@@ -76,11 +75,7 @@ class MHVAE(nn.Module):
 
     def decode(self, z1: Tensor):
         """p(x|z_1). z1: [*lead, D_1] -> likelihood with parameters [*lead, k*C, H, W]."""
-        lead = z1.shape[:-1]
-        out = self.decoder(z1.reshape(-1, self.latent_dims[0]))
-        k = channels_per_pixel(self.likelihood)
-        return make_likelihood(self.likelihood, out.reshape(*lead, k * self.data_shape[0], *self.data_shape[1:]),
-                               self.event_ndim)
+        return decode_likelihood(self.decoder, z1, self.likelihood, self.data_shape)
 
     def encode_levels(self, x: Tensor) -> list[Tensor]:
         """The bottom-up chain of posterior means: z_1 = E q(z_1|x), z_t = E q(z_t|z_{t-1}). -> T x [B, D_t]."""

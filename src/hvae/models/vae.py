@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributions import DiagonalGaussian
-from ..likelihoods import channels_per_pixel, make_likelihood
+from ..likelihoods import channels_per_pixel, decode_likelihood
 from ..nets import GaussianHead, conv_decoder, conv_encoder, mlp
 from ..protocol import Level, Trace
 from .levels import per_level
@@ -27,7 +27,6 @@ class VAE(nn.Module):
         self.data_shape = tuple(data_shape)
         self.latent_dim = latent_dim
         self.likelihood = likelihood
-        self.event_ndim = len(self.data_shape)
         k = channels_per_pixel(likelihood)
         n_data = math.prod(self.data_shape)
         if arch == "mlp":
@@ -61,11 +60,7 @@ class VAE(nn.Module):
 
     def decode(self, z1: Tensor):
         """p(x|z). z1: [*lead, D] -> likelihood with parameters [*lead, k*C, H, W]."""
-        lead = z1.shape[:-1]
-        out = self.decoder(z1.reshape(-1, self.latent_dim))
-        k = channels_per_pixel(self.likelihood)
-        params = out.reshape(*lead, k * self.data_shape[0], *self.data_shape[1:])
-        return make_likelihood(self.likelihood, params, self.event_ndim)
+        return decode_likelihood(self.decoder, z1, self.likelihood, self.data_shape)
 
     def encode(self, x: Tensor) -> Tensor:
         """The posterior mean E_q[z]: [B, D]."""
