@@ -18,8 +18,6 @@ Two stages, each a set of `hvae train` runs (niced, one torch thread each, at mo
           curves.png beside the first run, and the table of points. Seconds are the run's cumulative
           epoch_seconds, or with --speed FILE (written by `speed --json FILE`) epochs x that configuration's
           seconds/epoch measured round-robin in one process, which other jobs on the machine cannot skew.
-  levels  for each run directory, RUN/levels.png: per test image (a row), keep the top `keep` levels of its
-          posterior means, redraw the levels below from the prior (keep = T, ..., 0; 4 draws each).
 Seconds per epoch is the median `epoch_seconds` of a run; its ratio is to the flat VAE's of the same stage,
 trained side by side under the same load. Runs go to runs/hierarchy/<stage>/<name> (gitignored).
 
@@ -33,7 +31,6 @@ trained side by side under the same load. Runs go to runs/hierarchy/<stage>/<nam
     python benchmarks/hierarchy.py curve --seed 1 --root runs/hierarchy/seed1
     python benchmarks/hierarchy.py speed --json runs/hierarchy/speed.json
     python benchmarks/hierarchy.py plot runs/hierarchy/seed1/curve/* --speed runs/hierarchy/speed.json
-    python benchmarks/hierarchy.py levels runs/hierarchy/final/mhvae-t3 runs/hierarchy/final/best-ladder
 """
 
 from __future__ import annotations
@@ -189,9 +186,8 @@ def summarize(run: Path, at: int | None = None) -> dict:
     epochs = [x for x in lines if "epoch_seconds" in x and (at is None or x["epoch"] <= at)]
     row = {"name": run.name, "epochs": len(epochs), "sec_per_epoch": statistics.median(x["epoch_seconds"] for x in epochs),
            "val_elbo": epochs[-1].get("val_elbo"), "train_elbo": epochs[-1]["train_elbo"]}
-    result = run / f"eval-e{len(epochs)}.json"
-    if result.exists() and result.read_text().strip():  # empty while the eval runs
-        ev = json.loads(result.read_text().strip().splitlines()[-1])
+    ev = read_eval(run / f"eval-e{len(epochs)}.json")
+    if ev:
         row.update(iw_nll=ev["iw_nll"], neg_elbo=-ev["elbo"], kl_per_level=ev["kl_per_level"],
                    active_units_per_level=ev["active_units_per_level"], k=ev["k"], n_images=ev["n_images"])
     return row
@@ -210,27 +206,6 @@ def table(runs: list[Path], at: int | None = None) -> str:
                    f"{fmt(r.get('neg_elbo'))} | {kl} | {r.get('active_units_per_level', '')} | "
                    f"{r['sec_per_epoch']:.1f} | {ratio} |")
     return "\n".join(out)
-
-
-def level_pictures(run: Path, n_images: int = 8, draws: int = 4) -> Path:
-    """RUN/levels.png: row i = test image i, then for keep = T..0 `draws` images with the top `keep` levels
-    kept (posterior means) and the rest drawn from the prior at temperature 1."""
-    import torch
-
-    import hvae
-    from hvae.config import from_dict
-    from hvae.data import load_dataset, test_input
-    from hvae.visualize import save_grid, to_unit_range
-
-    cfg = from_dict(json.loads((run / "config.json").read_text()))
-    model = hvae.load(run)
-    x = test_input(load_dataset(cfg.data.dataset, cfg.data.data_dir).test_x, cfg.model.likelihood)[:n_images]
-    torch.manual_seed(0)
-    with torch.no_grad():
-        cols = [x] + [model.resample_lower(x, keep) for keep in range(model.n_levels, -1, -1)
-                       for _ in range(1 if keep == model.n_levels else draws)]
-    images = torch.stack(cols, 1)  # [n_images, 1 + (T+1)*draws, C, H, W]
-    return save_grid(to_unit_range(images.flatten(0, 1), cfg.model.likelihood), run / "levels.png", nrow=images.shape[1])
 
 
 def validation_iw(run: Path, k: int, limit: int) -> dict:
@@ -285,7 +260,7 @@ def step_speed(names: list[str], rounds: int = 5, steps: int = 20) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("select", "final", "table", "levels", "valiw", "speed", "curve", "plot"))
+    parser.add_argument("stage", choices=("select", "final", "table", "valiw", "speed", "curve", "plot"))
     parser.add_argument("runs", nargs="*", type=Path, help="run directories (table)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--only", nargs="*", help="run only these names")
@@ -339,10 +314,6 @@ def main(argv: list[str] | None = None) -> int:
             cmds = curve_job(name, out, args.seed, sorted(args.milestones), set(args.full), args.k, args.limit or 2000)
             jobs.append((name, cmds, out.with_name(f"{name}.log")))
         run_pool(jobs, args.jobs)
-        return 0
-    if args.stage == "levels":
-        for run in args.runs:
-            print(level_pictures(run))
         return 0
     specs = CANDIDATES if args.stage == "select" else FINALS
     names = args.only or list(specs)
