@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
 from .data import Dataset, epoch_order, load_dataset, split_validation, test_input, to_model_input
 from .models import build_model
-from .objectives import TrainingObjective, elbo, training_objective
+from .objectives import ElboTerms, TrainingObjective, elbo, training_objective
 from .rundir import MetricsLog, write_provenance
 
 
@@ -33,14 +33,18 @@ class TrainingError(RuntimeError):
 
 
 class Objective(nn.Module):
-    """Wraps the model so Fabric/DDP/compile see one forward: x [B, *data], beta [] -> (objective [B], terms)."""
+    """Wraps the model so Fabric/DDP/compile see one forward: x [B, *data], beta [] -> (objective [B], terms).
+
+    The terms are returned detached: they are only logged, and each output that carries a graph costs a
+    backward hook in Fabric's wrapper."""
 
     def __init__(self, model: nn.Module, spec: TrainingObjective):
         super().__init__()
         self.model, self.spec = model, spec
 
     def forward(self, x: Tensor, beta: Tensor):
-        return training_objective(self.model, x, replace(self.spec, beta=beta))
+        objective, terms = training_objective(self.model, x, replace(self.spec, beta=beta))
+        return objective, ElboTerms(*(term.detach() for term in terms))
 
 
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -212,13 +216,12 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
                     optimizer.step()
                     if ema is not None:
                         ema.update(model)
-                    sums += torch.stack([terms.elbo.mean(), terms.reconstruction.mean(), terms.kl.mean(),
-                                         torch.ones(())]).detach()
+                    sums += torch.stack([terms.elbo.mean(), terms.reconstruction.mean(), terms.kl.mean(), torch.ones(())])
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if step % t.log_every == 0:  # every rank joins the all-reduce
-                    means = fabric.all_reduce(torch.stack([loss.detach(), terms.elbo.mean().detach(),
-                                                           terms.reconstruction.mean().detach(), terms.kl.mean().detach()]),
+                    means = fabric.all_reduce(torch.stack([loss.detach(), terms.elbo.mean(), terms.reconstruction.mean(),
+                                                           terms.kl.mean()]),
                                               reduce_op="mean")
                     if rank == 0:
                         record = {"step": step, "epoch": step / steps_per_epoch, "loss": means[0].item(),
