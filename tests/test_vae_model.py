@@ -140,3 +140,31 @@ def test_loss_falls_on_a_small_fixed_batch(arch):
     assert end - start > N_SIGMA * math.hypot(start_se, end_se)
     assert end - start > 0.2 * abs(start)  # a real improvement, not a statistically significant wobble
     assert elbo(model, x, 1).elbo.shape == (32,)
+
+
+@pytest.mark.parametrize("c_in,h,w,k,stride,pad,out_pad,dil,bias", [
+    (4, 5, 5, 4, 2, 1, 0, 1, True),   # the conv decoders' output layer
+    (3, 4, 6, 3, 2, 0, 1, 1, True),   # output padding, non-square input
+    (2, 3, 3, 3, 1, 1, 0, 2, False),  # dilation, no bias
+    (5, 7, 7, 5, 3, 2, 2, 1, True),
+])
+def test_one_channel_transposed_conv_matches_torch_in_value_and_gradient(c_in, h, w, k, stride, pad, out_pad, dil, bias):
+    """The matmul + col2im form of the one-output-channel layer is nn.ConvTranspose2d, forward and backward."""
+    from torch import nn
+
+    from hvae.nets import OneChannelConvTranspose2d
+
+    torch.manual_seed(0)
+    args = (c_in, 1, k)
+    kw = dict(stride=stride, padding=pad, output_padding=out_pad, dilation=dil, bias=bias, dtype=torch.float64)
+    fast, ref = OneChannelConvTranspose2d(*args, **kw), nn.ConvTranspose2d(*args, **kw)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(3, c_in, h, w, dtype=torch.float64, requires_grad=True)
+    y_fast, y_ref = fast(x), ref(x)
+    assert y_fast.shape == y_ref.shape
+    torch.testing.assert_close(y_fast, y_ref)
+    g = torch.randn_like(y_ref)
+    grads_fast = torch.autograd.grad(y_fast, [x, *fast.parameters()], g)
+    grads_ref = torch.autograd.grad(y_ref, [x, *ref.parameters()], g)
+    for a, b in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, b)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributions import DiagonalGaussian
@@ -71,11 +72,28 @@ def conv_encoder(in_channels: int, channels: Sequence[int], act: str = "relu") -
     return nn.Sequential(*layers)
 
 
+class OneChannelConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d with one output channel, computed on a CPU as one matmul and a col2im (F.fold):
+    [B, C, H, W] -> [B, 1, H', W'], the same parameters and result as the parent. oneDNN's kernel for one
+    output channel is about 2x slower to train and 3x slower to evaluate (BENCHMARKS.md, section 2b)."""
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or output_size is not None or self.groups != 1:
+            return super().forward(x, output_size)
+        (h, w), (kh, kw) = x.shape[-2:], self.kernel_size
+        out = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, s, p, d, k, op in
+               zip((h, w), self.stride, self.padding, self.dilation, (kh, kw), self.output_padding)]
+        cols = torch.matmul(self.weight.flatten(1).t(), x.flatten(2))  # [B, kh*kw, H*W]
+        y = F.fold(cols, out, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+
 def conv_decoder(channels: Sequence[int], out_channels: int, act: str = "relu") -> nn.Sequential:
     """Mirror of conv_encoder with 4x4 stride-2 transposed convolutions (no activation on the output)."""
     layers: list[nn.Module] = []
     for c_in, c_out in zip(channels, (*channels[1:], out_channels)):
-        layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), activation(act)]
+        deconv = OneChannelConvTranspose2d if c_out == 1 else nn.ConvTranspose2d
+        layers += [deconv(c_in, c_out, 4, stride=2, padding=1), activation(act)]
     return nn.Sequential(*layers[:-1])
 
 
