@@ -11,20 +11,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from hvae.config import Config, apply
-from hvae.data import load_dataset, test_input, to_model_input
-from hvae.evaluate import evaluate
-from hvae.models import build_model
-from hvae.nets import OneChannelConvTranspose2d
-from hvae.objectives import TrainingObjective
-from hvae.rundir import cpu_name
-from hvae.train import Objective, make_optimizer
+sys.path.insert(0, str(Path(__file__).parent))
+from clock import add_clock_option, start_clock  # noqa: E402
+
+from hvae.config import Config, apply  # noqa: E402
+from hvae.data import load_dataset, test_input, to_model_input  # noqa: E402
+from hvae.evaluate import evaluate  # noqa: E402
+from hvae.models import build_model  # noqa: E402
+from hvae.nets import OneChannelConvTranspose2d  # noqa: E402
+from hvae.objectives import TrainingObjective  # noqa: E402
+from hvae.rundir import cpu_name  # noqa: E402
+from hvae.train import Objective, make_optimizer  # noqa: E402
 
 KINDS = {"nn.ConvTranspose2d": nn.ConvTranspose2d, "hvae OneChannelConvTranspose2d": OneChannelConvTranspose2d}
 
@@ -79,14 +82,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--k", type=int, default=200)
     ap.add_argument("--images", type=int, default=20)
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="cpu: one thread, CPU time of the main thread (robust on a loaded machine)")
+    add_clock_option(ap)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    if args.clock == "cpu":
-        args.threads = 1
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    torch.set_num_threads(args.threads)
+    clock = start_clock(args)
     data = load_dataset("fashion-mnist")
     timers = {name: {**layer_timers(kind, args.batch), **model_timers(kind, data, args.batch, args.k, args.images)}
               for name, kind in KINDS.items()}

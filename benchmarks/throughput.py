@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bare import BareVAE, bare_epoch, bare_eval  # noqa: E402
+from clock import add_clock_option, start_clock  # noqa: E402
 
 from hvae.config import Config, apply, parse_set  # noqa: E402
 from hvae.data import load_dataset, test_input  # noqa: E402
@@ -102,13 +103,9 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=500)
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="cpu: one thread, CPU time of the main thread (robust on a loaded machine)")
+    add_clock_option(ap)
     args = ap.parse_args()
-    if args.clock == "cpu":
-        args.threads = 1
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    torch.set_num_threads(args.threads)
+    clock = start_clock(args)
     data = load_dataset("fashion-mnist")
     flat = data.train_x.reshape(len(data.train_x), -1)
     # hvae trains one epoch over `steps` batches: the rest of the training set is held out as validation.
