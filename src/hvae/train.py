@@ -216,7 +216,7 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
                     optimizer.step()
                     if ema is not None:
                         ema.update(model)
-                    sums += torch.stack([terms.elbo.mean(), terms.reconstruction.mean(), terms.kl.mean(), torch.ones(())])
+                    sums += torch.stack([terms.elbo.mean(), terms.reconstruction.mean(), terms.kl.mean(), sums.new_ones(())])
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if step % t.log_every == 0:  # every rank joins the all-reduce
