@@ -259,6 +259,11 @@ def test_batch_larger_than_the_training_set(capsys, tmp_path, data_root):
                               "--batch-size", "4096"], tmp_path / "out", "batch")
 
 
+def test_unsupported_precision(capsys, tmp_path, data_root):
+    expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY,
+                              "--precision", "bf16-true"], tmp_path / "out", "train.precision must be one of")
+
+
 def test_seed_out_of_range(capsys, tmp_path, data_root):
     expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY,
                               "--seed", str(2 ** 63)], tmp_path / "out", "seed")

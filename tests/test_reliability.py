@@ -209,3 +209,28 @@ def test_checkpoint_state_round_trip_is_exact(tmp_path):
     for k, v in opt.state_dict()["state"][0].items():
         assert torch.equal(v, opt2.state_dict()["state"][0][k])
     assert torch.equal(back["rng"]["torch"], state["rng"]["torch"])
+
+
+def test_loss_scaling_overflows_lower_the_scale_and_training_recovers(idx_dir, tmp_path, monkeypatch):
+    """16-mixed scales the loss with a GradScaler (on a GPU; forced here on CPU): the guard sees the unscaled
+    gradients, and a skipped overflow step still lowers the scale, so training recovers instead of stopping."""
+    import hvae.train as tr
+    from lightning_fabric import Fabric
+    from lightning_fabric.plugins import MixedPrecision
+
+    start = 2.0 ** 20  # fp16 gradients overflow until the scale has been halved a few times
+    scalers = []
+
+    def fabric_with_scaler(precision, **kw):
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=start))
+        return Fabric(**kw, plugins=MixedPrecision("16-mixed", "cpu", scaler=scalers[-1]))
+
+    monkeypatch.setattr(tr, "Fabric", fabric_with_scaler)
+    run = tmp_path / "run"
+    train(tiny_cfg(idx_dir, **{"train.log_every": 1}), run, progress=False)  # 2 epochs of 8 steps
+    nonfinite = ckpt.load_state(ckpt.checkpoint_dir(run))["counters"]["nonfinite"]
+    assert 1 <= nonfinite <= 10, nonfinite
+    assert scalers[0].get_scale() <= start / 2 ** nonfinite
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"grad_norm"' in line]
+    assert 0 < logged[-1]["grad_norm"] < 1e4  # the true norm, not one multiplied by the scale
+    assert all(torch.isfinite(w).all() for w in final_weights(run).values())

@@ -187,6 +187,10 @@ def resolve_train_config(args) -> Config:
     return apply(Config(), updates)
 
 
+# Why: the "-true" half precisions would cast the weights but not the held-out data the loop scores itself.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
 def validate(cfg: Config) -> None:
     """Fail fast on values the dataclass types cannot express (bad names, non-positive sizes)."""
     from .models import build_model
@@ -208,6 +212,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.optimizer must be 'adam' or 'adamax'; got {t.optimizer!r}")
     if not 0 <= t.ema < 1:
         raise ConfigError(f"train.ema must be in [0, 1); got {t.ema}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {t.precision!r}")
     try:
         build_model(cfg.model, (1, 28, 28) if cfg.model.arch == "conv" else (1, 4, 4))
     except ValueError as e:

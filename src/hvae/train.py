@@ -63,13 +63,20 @@ def kl_weight(cfg: Config, step: int, steps_per_epoch: int) -> float:
     return cfg.train.beta * min(1.0, step / (cfg.train.warmup_epochs * steps_per_epoch))
 
 
-def rng_state(gen: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "data": gen.get_state()}
+def rng_state(gen: torch.Generator, device: torch.device) -> dict:
+    """The RNG streams a resumed run must continue: torch's CPU stream, the data stream, and on CUDA the device's
+    stream (where the reparameterization noise is drawn)."""
+    state = {"torch": torch.get_rng_state(), "data": gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict, gen: torch.Generator) -> None:
+def set_rng_state(state: dict, gen: torch.Generator, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     gen.set_state(state["data"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class EMA:
@@ -172,16 +179,20 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
         last = ckpt.checkpoint_dir(out)
         state = ckpt.load_state(last)
         ckpt.load_weights_into(model, ckpt.load_tensors(last / "model.safetensors"), last)
-        optimizer.load_state_dict(state["optimizer"])
         if (last / "ema.safetensors").exists():
             ema_weights = ckpt.load_tensors(last / "ema.safetensors")
         step, counters = state["step"], state["counters"]
-        set_rng_state(state["rng"], data_gen)
+        set_rng_state(state["rng"], data_gen, fabric.device)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out / "config.json", to_dict(cfg))
         write_provenance(out, data.files, argv)
     objective, optimizer = fabric.setup(Objective(model, spec), optimizer)
+    if resume:  # after setup: the optimizer state goes where the parameters now are (e.g. the GPU)
+        optimizer.load_state_dict(state["optimizer"])
+    # Why: with 16-mixed Fabric scales the loss; the guard must see the true gradients, and a skipped step must
+    # still lower the scale after an overflow (GradScaler.update), else the same overflow repeats.
+    scaler = getattr(fabric.strategy.precision, "scaler", None)
     ema = EMA(model, t.ema) if t.ema > 0 else None
     if ema is not None and ema_weights is not None:
         ema.shadow = {k: v.to(fabric.device) for k, v in ema_weights.items()}
@@ -193,7 +204,7 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     def save() -> None:
         if rank == 0:
             state = {"step": step, "counters": counters, "data_shape": list(data.data_shape),
-                     "optimizer": optimizer.state_dict(), "rng": rng_state(data_gen)}
+                     "optimizer": optimizer.state_dict(), "rng": rng_state(data_gen, fabric.device)}
             ckpt.save_checkpoint(out, model.state_dict(), state, ema.shadow if ema else None)
 
     # 3. The loop: batch -> objective -> backward -> guard -> update -> EMA -> log / checkpoint.
@@ -211,12 +222,16 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
                 obj, terms = step_fn(x, torch.tensor(beta))
                 loss = -obj.mean()
                 fabric.backward(loss)
+                if scaler is not None:
+                    scaler.unscale_(optimizer.optimizer)
                 applied, norm = guard.allow(loss, params, step, want_norm=(step + 1) % t.log_every == 0)
                 if applied:
                     optimizer.step()
                     if ema is not None:
                         ema.update(model)
                     sums += torch.stack([terms.elbo.mean(), terms.reconstruction.mean(), terms.kl.mean(), sums.new_ones(())])
+                elif scaler is not None:
+                    scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if step % t.log_every == 0:  # every rank joins the all-reduce
@@ -265,7 +280,8 @@ def validation_elbo(model: nn.Module, val_x: Tensor, cfg: Config, device, batch:
     """Mean ELBO on the held-out split (fixed binarization; the training RNG stream is left untouched)."""
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         x_all = test_input(val_x, cfg.model.likelihood)
         total = sum(elbo(model, x_all[i:i + batch].to(device)).elbo.sum().item() for i in range(0, len(x_all), batch))
