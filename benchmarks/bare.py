@@ -28,13 +28,24 @@ class BareVAE(nn.Module):
         return (rec + kl) / x.shape[0]
 
 
-def bare_epoch(model, opt, train_u8, batch: int = 128, gen=None, steps: int | None = None) -> int:
+def bernoulli_binarize(images_u8: torch.Tensor) -> torch.Tensor:
+    """The textbook dynamic binarization: x ~ Bernoulli(pixel / 255) drawn on floats."""
+    return torch.bernoulli(images_u8.float() / 255)
+
+
+def integer_binarize(images_u8: torch.Tensor) -> torch.Tensor:
+    """The same distribution drawn as [u < pixel], u uniform on the integers 0..254 (cheaper on a CPU)."""
+    return (torch.randint(0, 255, images_u8.shape, dtype=torch.uint8) < images_u8).float()
+
+
+def bare_epoch(model, opt, train_u8, batch: int = 128, gen=None, steps: int | None = None,
+               binarize=bernoulli_binarize) -> int:
     """One epoch (or `steps` steps) of the textbook loop; returns the number of examples seen."""
     n = len(train_u8)
     perm = torch.randperm(n, generator=gen)
     steps = n // batch if steps is None else steps
     for i in range(steps):
-        x = torch.bernoulli(train_u8[perm[i * batch:(i + 1) * batch]].float() / 255)
+        x = binarize(train_u8[perm[i * batch:(i + 1) * batch]])
         loss = model.loss(x)
         opt.zero_grad()
         loss.backward()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bare import BareVAE, bare_epoch, bare_eval  # noqa: E402
+from bare import BareVAE, bare_epoch, bare_eval, bernoulli_binarize, integer_binarize  # noqa: E402
 from clock import add_clock_option, start_clock  # noqa: E402
 
 from hvae.config import Config, apply, parse_set  # noqa: E402
@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=200, help="training steps per timing (hvae: a shortened epoch)")
     ap.add_argument("--variant", action="append", default=[], help="extra hvae config to time, e.g. train.compile=true")
+    ap.add_argument("--lean", action="store_true",
+                    help="also time a minimal hand-written loop: the bare one with fused Adam and integer binarization")
     ap.add_argument("--eval-images", type=int, default=500)
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--json", type=Path)
@@ -115,16 +117,23 @@ def main() -> None:
     for v in args.variant:
         contenders[f"hvae {v}"] = apply(Config(), {**base, **parse_set([v])})
 
-    # 1. Training: bare epoch and hvae epochs, alternating.
-    speeds: dict[str, list[float]] = {"bare loop": [], **{k: [] for k in contenders}}
-    bare = BareVAE()
-    opt = torch.optim.Adam(bare.parameters(), 1e-3)
-    bare_epoch(bare, opt, flat, args.batch, steps=20)  # warm-up
+    # 1. Training: the hand-written loops and hvae epochs, alternating.
+    hand_written = {"bare loop": (False, bernoulli_binarize)}
+    if args.lean:
+        hand_written["lean loop (bare + fused Adam + integer binarization)"] = (True, integer_binarize)
+    loops = {}
+    for name, (fused, binarize) in hand_written.items():
+        model = BareVAE()
+        loops[name] = (model, torch.optim.Adam(model.parameters(), 1e-3, fused=fused), binarize)
+        bare_epoch(model, loops[name][1], flat, args.batch, steps=20, binarize=binarize)  # warm-up
+    bare = loops["bare loop"][0]
+    speeds: dict[str, list[float]] = {**{k: [] for k in loops}, **{k: [] for k in contenders}}
     roof_times = []
     for r in range(args.repeats):
-        t0 = clock()
-        n = bare_epoch(bare, opt, flat, args.batch, steps=args.steps)
-        speeds["bare loop"].append(n / (clock() - t0))
+        for name, (model, opt, binarize) in loops.items():
+            t0 = clock()
+            n = bare_epoch(model, opt, flat, args.batch, steps=args.steps, binarize=binarize)
+            speeds[name].append(n / (clock() - t0))
         for name, cfg in contenders.items():
             speeds[name].append(hvae_epoch_cpu(cfg, data.train_x, args.steps) if args.clock == "cpu" else hvae_epoch(cfg))
         roof_times.append(matmul_seconds(train_shapes(args.batch), clock=clock))
