@@ -68,6 +68,14 @@ def matmul_seconds(shapes, repeats: int = 7, clock=time.perf_counter) -> float:
     return best
 
 
+def paired_ratios(rates: list[float], reference: list[float]) -> dict:
+    """Per-repeat ratios to the reference timed in the same repeat: their median and quartiles (the spread a
+    single run's ratio has on this machine; the table's ratio is of the medians)."""
+    ratios = [a / b for a, b in zip(rates, reference)]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"paired_ratio_median": statistics.median(ratios), "paired_ratio_quartiles": [q[0], q[2]]}
+
+
 def hvae_epoch(cfg: Config) -> float:
     """Examples/s of `hvae train`'s loop over one epoch (its own epoch_seconds, set-up excluded)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +153,8 @@ def main() -> None:
     for name, v in speeds.items():
         med = statistics.median(v)
         rows.append({"what": f"train {name}", "examples_per_s": med, "gflops": med * train_flop / 1e9,
-                     "pct_roofline": 100 * med * train_flop / 1e9 / roof, "ratio_to_bare": med / bare_med})
+                     "pct_roofline": 100 * med * train_flop / 1e9 / roof, "ratio_to_bare": med / bare_med,
+                     **paired_ratios(v, speeds["bare loop"])})
 
     # 2. IW evaluation: importance samples decoded per second, hvae's evaluator vs the bare estimator.
     model = build_model(Config().model, data.data_shape)
@@ -168,17 +177,20 @@ def main() -> None:
     for name, v in eval_speeds.items():
         med = statistics.median(v)
         rows.append({"what": name, "samples_per_s": med, "gflops": med * dec_flop / 1e9,
-                     "pct_roofline": 100 * med * dec_flop / 1e9 / dec_roof, "ratio_to_bare": med / bare_eval_med})
+                     "pct_roofline": 100 * med * dec_flop / 1e9 / dec_roof, "ratio_to_bare": med / bare_eval_med,
+                     **paired_ratios(v, eval_speeds["eval bare"])})
     result = {"cpu": cpu_name(), "threads": args.threads, "clock": args.clock, "torch": torch.__version__, "batch": args.batch,
               "train_roofline_gflops": roof, "decoder_roofline_gflops": dec_roof, "train_flop_per_example": train_flop,
               "decoder_flop_per_sample": dec_flop, "k": args.k, "eval_images": len(x), "rows": rows,
               "raw": {**speeds, **eval_speeds}}
     print(f"CPU: {result['cpu']}, {args.threads} threads, torch {torch.__version__}, clock: {args.clock}")
     print(f"matmul roofline: training shapes {roof:.1f} GFLOP/s, decoder shapes ({chunk * 100} rows) {dec_roof:.1f} GFLOP/s")
-    print("| what | per second | GFLOP/s | % of roofline | ratio to bare |\n|---|---|---|---|---|")
+    print("| what | per second | GFLOP/s | % of roofline | ratio to bare | paired ratio, quartiles |\n|---|---|---|---|---|---|")
     for row in rows:
         rate = row.get("examples_per_s") or row.get("samples_per_s")
-        print(f"| {row['what']} | {rate:,.0f} | {row['gflops']:.1f} | {row['pct_roofline']:.0f}% | {row['ratio_to_bare']:.2f} |")
+        q1, q3 = row["paired_ratio_quartiles"]
+        print(f"| {row['what']} | {rate:,.0f} | {row['gflops']:.1f} | {row['pct_roofline']:.0f}% | {row['ratio_to_bare']:.2f} "
+              f"| {row['paired_ratio_median']:.2f} ({q1:.2f}-{q3:.2f}) |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
