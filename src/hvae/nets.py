@@ -75,7 +75,7 @@ def conv_encoder(in_channels: int, channels: Sequence[int], act: str = "relu") -
 class OneChannelConvTranspose2d(nn.ConvTranspose2d):
     """nn.ConvTranspose2d with one output channel, computed on a CPU as one matmul and a col2im (F.fold):
     [B, C, H, W] -> [B, 1, H', W'], the same parameters and result as the parent. oneDNN's kernel for one
-    output channel is about 2x slower to train and 3x slower to evaluate (BENCHMARKS.md, section 2b)."""
+    output channel is 1.3-1.7x slower to train and 2.3-3.3x slower to evaluate (BENCHMARKS.md, section 2b)."""
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         if x.device.type != "cpu" or x.dim() != 4 or output_size is not None or self.groups != 1:
