@@ -68,7 +68,7 @@ def bare_eval(model, x, k: int = 1000, batch: int = 100, chunk: int = 250) -> di
         log_w = []
         for start in range(0, k, chunk):
             c = min(chunk, k - start)
-            eps = torch.randn(c, *mu.shape)
+            eps = torch.randn(c, *mu.shape, device=mu.device)
             zs = mu + std * eps
             log_px = -F.binary_cross_entropy_with_logits(model.dec(zs), xb.expand(c, -1, -1), reduction="none").sum(-1)
             log_pz = -0.5 * (zs.pow(2) + log2pi).sum(-1)

@@ -16,8 +16,18 @@ def add_clock_option(ap: argparse.ArgumentParser) -> None:
 
 
 def start_clock(args: argparse.Namespace) -> Callable[[], float]:
-    """Sets the torch thread count (one for the CPU clock, which also sets args.threads) and returns the clock."""
+    """Sets the torch thread count (one for the CPU clock, which also sets args.threads) and returns the clock;
+    on a GPU (args.device 'cuda') wall time read after the device has finished its queued work."""
     if args.clock == "cpu":
         args.threads = 1
     torch.set_num_threads(args.threads)
+    if torch.device(getattr(args, "device", "cpu")).type == "cuda":
+        if args.clock == "cpu":
+            raise SystemExit("--clock cpu times the CPU; on a GPU use the default wall clock")
+
+        def synced() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+
+        return synced
     return time.thread_time if args.clock == "cpu" else time.perf_counter

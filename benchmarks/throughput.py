@@ -3,6 +3,7 @@
 Everything runs in one process with the same thread count, alternating the contenders and taking medians,
 so the ratios hold on a shared, noisy machine. Usage:
     python benchmarks/throughput.py [--repeats 5] [--threads 2] [--variant train.compile=true ...] [--json FILE]
+    python benchmarks/throughput.py --device cuda --variant train.precision=bf16-mixed   # the same table on a GPU
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def flops(shapes) -> int:
     return sum(2 * m * k * n for m, k, n in shapes)
 
 
-def matmul_seconds(shapes, repeats: int = 7, clock=time.perf_counter) -> float:
+def matmul_seconds(shapes, repeats: int = 7, clock=time.perf_counter, device: torch.device | str = "cpu") -> float:
     """Best-of-`repeats` time of running all the matmuls back to back (the roofline's time)."""
-    mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
-    inner = max(1, int(2e9 // max(1, flops(shapes))))
+    mats = [(torch.randn(m, k, device=device), torch.randn(k, n, device=device)) for m, k, n in shapes]
+    work = 2e11 if torch.device(device).type == "cuda" else 2e9  # FLOP per timing
+    inner = max(1, int(work // max(1, flops(shapes))))
     for a, b in mats:
         a @ b
     best = float("inf")
@@ -85,19 +87,19 @@ def hvae_epoch(cfg: Config) -> float:
     return last["step"] * cfg.train.batch_size / last["epoch_seconds"]
 
 
-def hvae_epoch_cpu(cfg: Config, train_u8: torch.Tensor, steps: int) -> float:
-    """Examples per CPU-second of `hvae train` (one thread): the main thread's CPU time of a 2-epoch run minus
-    that of a 1-epoch run on the same `steps` batches (saved as an .npz), so set-up cancels and other
-    processes on the machine do not count."""
+def hvae_epoch_diff(cfg: Config, train_u8: torch.Tensor, steps: int, clock=time.thread_time) -> float:
+    """Examples/s of `hvae train` as the time of a 2-epoch run minus that of a 1-epoch run on the same `steps`
+    batches (saved as an .npz), so set-up and warm-up cancel. With the main thread's CPU time (one thread)
+    other processes on the machine do not count; on a GPU the clock is wall time after a device sync."""
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "subset.npz"
         np.savez(npz, x_train=train_u8[: steps * cfg.train.batch_size].numpy(), x_test=train_u8[:10].numpy())
         for epochs in (1, 2):
             sized = apply(cfg, {"data.dataset": str(npz), "data.validation": 0, "train.epochs": epochs})
-            t0 = time.thread_time()
+            t0 = clock()
             train(sized, Path(tmp) / f"run{epochs}", progress=False)
-            times.append(time.thread_time() - t0)
+            times.append(clock() - t0)
     return steps * cfg.train.batch_size / (times[1] - times[0])
 
 
@@ -113,38 +115,47 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=500)
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: where every contender runs (hvae: train.accelerator)")
+    ap.add_argument("--data-dir", type=Path, help="folder holding fashion-mnist/ (default: the usual places)")
     add_clock_option(ap)
     args = ap.parse_args()
     clock = start_clock(args)
-    data = load_dataset("fashion-mnist")
+    dev = torch.device(args.device)
+    data = load_dataset("fashion-mnist", args.data_dir)
     flat = data.train_x.reshape(len(data.train_x), -1)
     # hvae trains one epoch over `steps` batches: the rest of the training set is held out as validation.
     base = {"train.epochs": 1, "train.batch_size": args.batch, "train.threads": args.threads, "train.log_every": 10**9,
-            "data.validation": len(flat) - args.steps * args.batch}
+            "data.validation": len(flat) - args.steps * args.batch, "train.accelerator": dev.type,
+            **({"data.data_dir": str(args.data_dir)} if args.data_dir else {})}
     contenders = {"hvae (default)": apply(Config(), base)}
+    other_model = set()  # variants of another model: the default VAE's FLOP count does not apply
     for v in args.variant:
         contenders[f"hvae {v}"] = apply(Config(), {**base, **parse_set([v])})
+        if any(key.startswith("model.") for key in parse_set([v])):
+            other_model.add(f"hvae {v}")
 
     # 1. Training: the hand-written loops and hvae epochs, alternating.
     hand_written = {"bare loop": (False, bernoulli_binarize)}
     if args.lean:
         hand_written["lean loop (bare + fused Adam + integer binarization)"] = (True, integer_binarize)
     loops = {}
+    flat_dev = flat.to(dev)
     for name, (fused, binarize) in hand_written.items():
-        model = BareVAE()
+        model = BareVAE().to(dev)
         loops[name] = (model, torch.optim.Adam(model.parameters(), 1e-3, fused=fused), binarize)
-        bare_epoch(model, loops[name][1], flat, args.batch, steps=20, binarize=binarize)  # warm-up
+        bare_epoch(model, loops[name][1], flat_dev, args.batch, steps=20, binarize=binarize)  # warm-up
     bare = loops["bare loop"][0]
     speeds: dict[str, list[float]] = {**{k: [] for k in loops}, **{k: [] for k in contenders}}
     roof_times = []
     for r in range(args.repeats):
         for name, (model, opt, binarize) in loops.items():
             t0 = clock()
-            n = bare_epoch(model, opt, flat, args.batch, steps=args.steps, binarize=binarize)
+            n = bare_epoch(model, opt, flat_dev, args.batch, steps=args.steps, binarize=binarize)
             speeds[name].append(n / (clock() - t0))
         for name, cfg in contenders.items():
-            speeds[name].append(hvae_epoch_cpu(cfg, data.train_x, args.steps) if args.clock == "cpu" else hvae_epoch(cfg))
-        roof_times.append(matmul_seconds(train_shapes(args.batch), clock=clock))
+            diff = args.clock == "cpu" or dev.type == "cuda"
+            speeds[name].append(hvae_epoch_diff(cfg, data.train_x, args.steps, clock) if diff else hvae_epoch(cfg))
+        roof_times.append(matmul_seconds(train_shapes(args.batch), clock=clock, device=dev))
         print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in speeds.items()), file=sys.stderr)
     train_flop = flops(train_shapes(args.batch)) / args.batch  # per example
     roof = flops(train_shapes(args.batch)) / statistics.median(roof_times) / 1e9
@@ -152,25 +163,26 @@ def main() -> None:
     rows = []
     for name, v in speeds.items():
         med = statistics.median(v)
-        rows.append({"what": f"train {name}", "examples_per_s": med, "gflops": med * train_flop / 1e9,
-                     "pct_roofline": 100 * med * train_flop / 1e9 / roof, "ratio_to_bare": med / bare_med,
+        gflops = None if name in other_model else med * train_flop / 1e9
+        rows.append({"what": f"train {name}", "examples_per_s": med, "gflops": gflops,
+                     "pct_roofline": None if gflops is None else 100 * gflops / roof, "ratio_to_bare": med / bare_med,
                      **paired_ratios(v, speeds["bare loop"])})
 
     # 2. IW evaluation: importance samples decoded per second, hvae's evaluator vs the bare estimator.
-    model = build_model(Config().model, data.data_shape)
-    x = test_input(data.test_x, "bernoulli")[: args.eval_images]
+    model = build_model(Config().model, data.data_shape).to(dev)
+    x = test_input(data.test_x, "bernoulli")[: args.eval_images].to(dev)
     chunk = chunk_for(args.k, 100, 784)
     eval_speeds: dict[str, list[float]] = {"eval hvae": [], "eval bare": []}
     bare.eval()
     eval_roof = []
     for r in range(max(1, args.repeats // 2)):
         t0 = clock()
-        evaluate(model, x, k=args.k, progress=False)
+        evaluate(model, x, k=args.k, progress=False, device=dev)
         eval_speeds["eval hvae"].append(len(x) * args.k / (clock() - t0))
         t0 = clock()
         bare_eval(bare, x.reshape(len(x), -1), k=args.k)
         eval_speeds["eval bare"].append(len(x) * args.k / (clock() - t0))
-        eval_roof.append(matmul_seconds(decoder_shapes(chunk * 100), repeats=3, clock=clock))
+        eval_roof.append(matmul_seconds(decoder_shapes(chunk * 100), repeats=3, clock=clock, device=dev))
     dec_flop = flops(decoder_shapes(1))
     dec_roof = flops(decoder_shapes(chunk * 100)) / statistics.median(eval_roof) / 1e9
     bare_eval_med = statistics.median(eval_speeds["eval bare"])
@@ -179,17 +191,20 @@ def main() -> None:
         rows.append({"what": name, "samples_per_s": med, "gflops": med * dec_flop / 1e9,
                      "pct_roofline": 100 * med * dec_flop / 1e9 / dec_roof, "ratio_to_bare": med / bare_eval_med,
                      **paired_ratios(v, eval_speeds["eval bare"])})
-    result = {"cpu": cpu_name(), "threads": args.threads, "clock": args.clock, "torch": torch.__version__, "batch": args.batch,
+    result = {"cpu": cpu_name(), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+              "threads": args.threads, "clock": args.clock, "torch": torch.__version__, "batch": args.batch,
               "train_roofline_gflops": roof, "decoder_roofline_gflops": dec_roof, "train_flop_per_example": train_flop,
               "decoder_flop_per_sample": dec_flop, "k": args.k, "eval_images": len(x), "rows": rows,
               "raw": {**speeds, **eval_speeds}}
-    print(f"CPU: {result['cpu']}, {args.threads} threads, torch {torch.__version__}, clock: {args.clock}")
+    print(f"CPU: {result['cpu']}, {args.threads} threads, device: {result['device']}, torch {torch.__version__}, "
+          f"clock: {args.clock}")
     print(f"matmul roofline: training shapes {roof:.1f} GFLOP/s, decoder shapes ({chunk * 100} rows) {dec_roof:.1f} GFLOP/s")
     print("| what | per second | GFLOP/s | % of roofline | ratio to bare | paired ratio, quartiles |\n|---|---|---|---|---|---|")
     for row in rows:
         rate = row.get("examples_per_s") or row.get("samples_per_s")
         q1, q3 = row["paired_ratio_quartiles"]
-        print(f"| {row['what']} | {rate:,.0f} | {row['gflops']:.1f} | {row['pct_roofline']:.0f}% | {row['ratio_to_bare']:.2f} "
+        flop = "- | -" if row["gflops"] is None else f"{row['gflops']:.1f} | {row['pct_roofline']:.0f}%"
+        print(f"| {row['what']} | {rate:,.0f} | {flop} | {row['ratio_to_bare']:.2f} "
               f"| {row['paired_ratio_median']:.2f} ({q1:.2f}-{q3:.2f}) |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

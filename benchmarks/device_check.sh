@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU checks of BENCHMARKS.md section 6, as one command for a lent GPU machine (the `device` tool).
+#
+#   bash benchmarks/device_check.sh prepare   # here, once: Fashion-MNIST into .devdata/, the lightning-fabric
+#                                             # wheel into .whl/ (both git-ignored, about 31 MB together)
+#   bash benchmarks/device_check.sh run       # there: carry [".devdata", ".whl"], timeout about 540 s
+#
+# `run` uses the machine's own python3 and PyTorch (hvae from src/, not installed), writes its logs and JSON to
+# $OUT (at most 8 files come back) and its run folders to /tmp. Part 1 runs the code paths that only a GPU takes
+# (training on CUDA in fp32 / 16-mixed / bf16-mixed, resume with the optimizer state on the device, evaluation,
+# sampling, the conv and ladder models); part 2 is the throughput table of section 2 on the GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = prepare ]; then
+    mkdir -p .devdata/fashion-mnist .whl
+    cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .devdata/fashion-mnist/
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "lightning-fabric==$(.venv/bin/python -c \
+        'import lightning_fabric; print(lightning_fabric.__version__)')"
+    du -sh .devdata .whl
+    exit 0
+fi
+[ "${1:-}" = run ] || { echo "usage: $0 prepare | run" >&2; exit 2; }
+
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs the same script here, as a dry run of the script itself
+OUT=${OUT:-/tmp/hvae-device-out}
+RUNS=/tmp/hvae-device-runs
+mkdir -p "$OUT" "$RUNS"
+export PYTHONUNBUFFERED=1 HVAE_DATA="$PWD/.devdata" PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if ! python3 -c 'import lightning_fabric' 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+hvae() { python3 -m hvae "$@"; }
+
+{
+    if [ "$DEVICE" = cuda ]; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+        python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+    fi
+
+    echo "## 1. CUDA code paths"
+    hvae train --device $DEVICE --epochs 2 --set data.validation=1000 --out "$RUNS/fp32" --no-progress
+    hvae train --resume "$RUNS/fp32" --epochs 3 --no-progress
+    hvae eval "$RUNS/fp32" --device $DEVICE --k 1000 --limit 2000 --json --no-progress > "$OUT/eval-fp32.json"
+    hvae sample "$RUNS/fp32" --device $DEVICE --n 64 --out "$OUT/samples-fp32.png"
+    hvae train --device $DEVICE --precision 16-mixed --epochs 1 --out "$RUNS/fp16" --no-progress
+    hvae train --device $DEVICE --precision bf16-mixed --epochs 1 --out "$RUNS/bf16" --no-progress
+    hvae train --device $DEVICE --epochs 1 --set model.arch=conv --out "$RUNS/conv" --no-progress
+    hvae eval "$RUNS/conv" --device $DEVICE --k 100 --limit 500 --json --no-progress
+    hvae train --device $DEVICE --epochs 1 --config configs/best-ladder.yaml --out "$RUNS/ladder" --no-progress
+    hvae eval "$RUNS/ladder" --device $DEVICE --k 100 --limit 500 --json --no-progress
+    for run in "$RUNS"/*/; do echo "$run: $(grep '"epoch_seconds"' "$run/metrics.jsonl" | tail -n 1)"; done
+
+    echo "## 2. Throughput on the GPU"
+    python3 benchmarks/throughput.py --device $DEVICE --repeats 5 --steps 200 --eval-images 500 \
+        --variant train.precision=bf16-mixed --variant model.arch=conv --variant model.name=ladder \
+        --json "$OUT/throughput-gpu.json"
+} 2>&1 | tee "$OUT/device-check.log"
