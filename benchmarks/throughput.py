@@ -143,7 +143,8 @@ def main() -> None:
     for name, (fused, binarize) in hand_written.items():
         model = BareVAE().to(dev)
         loops[name] = (model, torch.optim.Adam(model.parameters(), 1e-3, fused=fused), binarize)
-        bare_epoch(model, loops[name][1], flat_dev, args.batch, steps=20, binarize=binarize)  # warm-up
+        warm_up = min(20, len(flat) // args.batch)
+        bare_epoch(model, loops[name][1], flat_dev, args.batch, steps=warm_up, binarize=binarize)
     bare = loops["bare loop"][0]
     speeds: dict[str, list[float]] = {**{k: [] for k in loops}, **{k: [] for k in contenders}}
     roof_times = []

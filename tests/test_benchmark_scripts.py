@@ -40,3 +40,24 @@ def test_curve_points_pair_each_evaluation_with_its_epoch_and_seconds(hierarchy,
     assert hierarchy.curve_points(run) == [(1, 2.0, 250.0), (3, 6.0, 240.0)]
     assert hierarchy.curve_points(run, sec_per_epoch=5.0) == [(1, 5.0, 250.0), (3, 15.0, 240.0)]
     assert hierarchy.plot_curves([run], {"flat-vae": 5.0}).exists()
+
+
+def test_throughput_script_runs_end_to_end_and_reports_paired_ratios(idx_dir, tmp_path):
+    """benchmarks/throughput.py on a tiny IDX folder: every row present, paired ratios, no FLOP figure for a variant
+    of another model (timings themselves are not checked: benchmarks are scripts, not tests)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "t.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--data-dir", str(idx_dir.parent), "--repeats", "2",
+           "--steps", "2", "--batch", "16", "--eval-images", "2", "--k", "4", "--threads", "1", "--lean",
+           "--variant", "model.arch=conv", "--json", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    rows = {r["what"]: r for r in result["rows"]}
+    assert set(rows) == {"train bare loop", "train lean loop (bare + fused Adam + integer binarization)",
+                         "train hvae (default)", "train hvae model.arch=conv", "eval hvae", "eval bare"}
+    assert rows["train bare loop"]["paired_ratio_median"] == 1.0
+    assert rows["train hvae model.arch=conv"]["gflops"] is None and rows["train hvae (default)"]["gflops"] > 0
+    assert all(len(result["raw"][name[len("train "):]]) == 2 for name in rows if name.startswith("train "))
+    assert result["device"] == "cpu"
