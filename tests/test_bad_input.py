@@ -264,6 +264,19 @@ def test_unsupported_precision(capsys, tmp_path, data_root):
                               "--precision", "bf16-true"], tmp_path / "out", "train.precision must be one of")
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_train_on_a_gpu_this_machine_lacks(capsys, tmp_path, data_root):
+    expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY, "--device", "cuda"],
+                     tmp_path / "out", "sees no CUDA GPU")
+
+
+@pytest.mark.parametrize("device, fragment", [("cuda", "sees no CUDA GPU"), ("warp9", "is not a device")])
+def test_eval_on_a_device_that_is_not_there(capsys, run, device, fragment):
+    if device == "cuda" and __import__("torch").cuda.is_available():
+        pytest.skip("needs a machine without a CUDA GPU")
+    expect_bad_input(capsys, ["eval", run, "--k", "2", "--device", device, "--no-progress"], run, fragment)
+
+
 def test_seed_out_of_range(capsys, tmp_path, data_root):
     expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY,
                               "--seed", str(2 ** 63)], tmp_path / "out", "seed")

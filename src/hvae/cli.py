@@ -36,8 +36,24 @@ class Parser(argparse.ArgumentParser):
         raise err
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def device_for(name: str | None) -> str:
+    """The device a command runs on: --device (checked to exist here), else CUDA when available, else CPU."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use cpu or cuda (cuda:N for one GPU)") from None
+    check_accelerator(kind)
+    return name
+
+
+def check_accelerator(kind: str) -> None:
+    """A clear error for a GPU this machine does not have (instead of a traceback from deep inside torch)."""
+    if kind in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {kind}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: Apple's Metal backend is not available here; use --device cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +205,7 @@ def resolve_train_config(args) -> Config:
 
 # Why: the "-true" half precisions would cast the weights but not the held-out data the loop scores itself.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 
 def validate(cfg: Config) -> None:
@@ -212,6 +229,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.optimizer must be 'adam' or 'adamax'; got {t.optimizer!r}")
     if not 0 <= t.ema < 1:
         raise ConfigError(f"train.ema must be in [0, 1); got {t.ema}")
+    if t.accelerator not in ACCELERATORS:
+        raise ConfigError(f"train.accelerator (--device) must be one of {', '.join(ACCELERATORS)}; got {t.accelerator!r}")
+    check_accelerator(t.accelerator)
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {t.precision!r}")
     try:
@@ -248,7 +268,7 @@ def cmd_train(args) -> int:
 
 def _run_and_model(args):
     cfg = from_dict(ckpt.read_json(args.run / "config.json")) if (args.run / "config.json").exists() else None
-    model = ckpt.load(args.run, args.device or default_device(), ema=not getattr(args, "no_ema", False))
+    model = ckpt.load(args.run, device_for(args.device), ema=not getattr(args, "no_ema", False))
     return cfg, model
 
 
@@ -269,7 +289,7 @@ def cmd_eval(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1; got {args.batch_size}")
     x = _test_images(cfg, args, args.limit)
-    result = evaluate(model, x, k=args.k, batch_size=args.batch_size, device=args.device or default_device(),
+    result = evaluate(model, x, k=args.k, batch_size=args.batch_size, device=device_for(args.device),
                       progress=not args.no_progress)
     for level in result["collapsed_levels"]:
         print(f"hvae eval: warning: level {level} has collapsed (mean KL {result['kl_per_level'][level - 1]:.4f} "
@@ -368,7 +388,7 @@ def cmd_report(args) -> int:
     from .report import ReportOptions, build_report
 
     options = ReportOptions(k=args.k, limit=args.limit, n_samples=args.n, temperature=args.temperature,
-                            seed=args.seed, device=args.device or default_device(), data_dir=args.data_dir,
+                            seed=args.seed, device=device_for(args.device), data_dir=args.data_dir,
                             ema=not args.no_ema, tsne=args.tsne, progress=not args.no_progress)
     print(build_report(args.run, args.out, options))
     return 0
