@@ -277,6 +277,15 @@ def test_eval_on_a_device_that_is_not_there(capsys, run, device, fragment):
     expect_bad_input(capsys, ["eval", run, "--k", "2", "--device", device, "--no-progress"], run, fragment)
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["sample", "{run}", "--n", "4", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["interpolate", "{run}", "--steps", "1"], "--steps must be >= 2; got 1"),
+])
+def test_generation_bad_numbers_name_the_flag_at_fault(capsys, run, trained, argv, fragment):
+    argv = [str(run) if a == "{run}" else a for a in argv]
+    expect_bad_input(capsys, [*argv, "--data-dir", trained[1]], run, fragment)
+
+
 def test_seed_out_of_range(capsys, tmp_path, data_root):
     expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY,
                               "--seed", str(2 ** 63)], tmp_path / "out", "seed")

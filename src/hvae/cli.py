@@ -309,8 +309,10 @@ def cmd_generate(args) -> int:
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1; got {args.n}")
     temps = getattr(args, "temperature", [1.0])
-    if not temps or min(temps) < 0 or getattr(args, "steps", 2) < 2:
-        raise ConfigError("--temperature must be >= 0 (one value, or one per level) and --steps >= 2")
+    if not temps or min(temps) < 0:
+        raise ConfigError(f"--temperature must be >= 0 (one value, or one per level); got {' '.join(map(str, temps))}")
+    if getattr(args, "steps", 2) < 2:
+        raise ConfigError(f"--steps must be >= 2; got {args.steps}")
     cfg, model = _run_and_model(args)
     torch.manual_seed(args.seed)
     device = next(model.parameters()).device
