@@ -55,5 +55,5 @@ hvae() { python3 -m hvae "$@"; }
     echo "## 2. Throughput on the GPU"
     python3 benchmarks/throughput.py --device $DEVICE --repeats 5 --steps 200 --eval-images 500 \
         --variant train.precision=bf16-mixed --variant model.arch=conv --variant model.name=ladder \
-        --json "$OUT/throughput-gpu.json"
+        --eval-chunk-mb 8 64 512 --json "$OUT/throughput-gpu.json"
 } 2>&1 | tee "$OUT/device-check.log"

@@ -114,6 +114,8 @@ def main() -> None:
                     help="also time a minimal hand-written loop: the bare one with fused Adam and integer binarization")
     ap.add_argument("--eval-images", type=int, default=500)
     ap.add_argument("--k", type=int, default=1000)
+    ap.add_argument("--eval-chunk-mb", type=float, nargs="+", default=[8.0],
+                    help="decoder-call sizes of hvae's evaluator to time (MB of activations; 8 is hvae's choice on CPU)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cpu", help="cpu | cuda: where every contender runs (hvae: train.accelerator)")
     ap.add_argument("--data-dir", type=Path, help="folder holding fashion-mnist/ (default: the usual places)")
@@ -173,13 +175,16 @@ def main() -> None:
     model = build_model(Config().model, data.data_shape).to(dev)
     x = test_input(data.test_x, "bernoulli")[: args.eval_images].to(dev)
     chunk = chunk_for(args.k, 100, 784)
-    eval_speeds: dict[str, list[float]] = {"eval hvae": [], "eval bare": []}
+    sizes = {("eval hvae" if len(args.eval_chunk_mb) == 1 else f"eval hvae ({mb:g} MB decoder calls)"): int(mb * 2**20)
+             for mb in args.eval_chunk_mb}
+    eval_speeds: dict[str, list[float]] = {**{name: [] for name in sizes}, "eval bare": []}
     bare.eval()
     eval_roof = []
     for r in range(max(1, args.repeats // 2)):
-        t0 = clock()
-        evaluate(model, x, k=args.k, progress=False, device=dev)
-        eval_speeds["eval hvae"].append(len(x) * args.k / (clock() - t0))
+        for name, chunk_bytes in sizes.items():
+            t0 = clock()
+            evaluate(model, x, k=args.k, progress=False, device=dev, chunk_bytes=chunk_bytes)
+            eval_speeds[name].append(len(x) * args.k / (clock() - t0))
         t0 = clock()
         bare_eval(bare, x.reshape(len(x), -1), k=args.k)
         eval_speeds["eval bare"].append(len(x) * args.k / (clock() - t0))

@@ -20,19 +20,20 @@ COLLAPSE_NATS = 0.01  # a level whose mean KL is below this carries no informati
 TENSOR_BYTES = 8 << 20  # largest activation per decoder call
 
 
-def chunk_for(k: int, batch: int, n_dims: int) -> int:
-    """Importance samples per decoder call: chunk * batch rows of n_dims floats stay within TENSOR_BYTES.
+def chunk_for(k: int, batch: int, n_dims: int, max_bytes: int = TENSOR_BYTES) -> int:
+    """Importance samples per decoder call: chunk * batch rows of n_dims floats stay within max_bytes.
 
     Why so small: tensors above glibc's mmap threshold (<= 32 MB) are handed back to the OS when freed
     and page-faulted in afresh at every call (about 400,000 minor faults per 100-image, k = 1000 evaluation
-    at 25,000-row chunks, against about 2,000 at this size).
+    at 25,000-row chunks, against about 2,000 at this size). On a GPU larger calls may pay (not yet measured).
     """
-    return max(1, min(k, TENSOR_BYTES // (4 * n_dims * max(1, batch))))
+    return max(1, min(k, max_bytes // (4 * n_dims * max(1, batch))))
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, x: Tensor, k: int = 1000, batch_size: int = 100,
-             device: str | torch.device = "cpu", progress: bool = True, seed: int = 0) -> dict[str, Any]:
+             device: str | torch.device = "cpu", progress: bool = True, seed: int = 0,
+             chunk_bytes: int = TENSOR_BYTES) -> dict[str, Any]:
     """Means over the images x [N, *data] (already in the likelihood's input space), nats unless named.
 
     elbo = reconstruction - kl (1 sample, closed-form KL where allowed); iw_nll = -L_k; bits_per_dim of
@@ -43,7 +44,7 @@ def evaluate(model: nn.Module, x: Tensor, k: int = 1000, batch_size: int = 100,
     model.eval()
     torch.manual_seed(seed)
     n, n_dims = len(x), math.prod(x.shape[1:])
-    chunk = chunk_for(k, batch_size, n_dims)
+    chunk = chunk_for(k, batch_size, n_dims, chunk_bytes)
     sums = {"reconstruction": 0.0, "kl": 0.0, "iw": 0.0}
     kl_levels: Tensor | None = None
     mean_stats: list[list[Tensor]] | None = None  # per level: [sum, sum of squares] over images, float64
