@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks of BENCHMARKS.md section 6, as one command for a lent GPU machine (the `device` tool).
+# The GPU checks of BENCHMARKS.md section 6, as one command for a GPU machine with PyTorch and no network.
 #
-#   bash benchmarks/device_check.sh prepare   # here, once: Fashion-MNIST into .devdata/, the lightning-fabric
-#                                             # wheel into .whl/ (both git-ignored, about 31 MB together)
-#   bash benchmarks/device_check.sh run       # there: carry [".devdata", ".whl"], timeout about 540 s
+#   bash benchmarks/device_check.sh prepare   # on a machine with the venv, once: Fashion-MNIST into .devdata/,
+#                                             # the lightning-fabric wheel into .whl/ (git-ignored, about 31 MB)
+#   bash benchmarks/device_check.sh run       # on the GPU machine, with .devdata/ and .whl/ copied along
 #
-# `run` uses the machine's own python3 and PyTorch (hvae from src/, not installed), writes its logs and JSON to
-# $OUT (at most 8 files come back) and its run folders to /tmp. Part 1 runs the code paths that only a GPU takes
+# `run` uses that machine's own python3 and PyTorch (hvae from src/, not installed), writes its log, JSON and a
+# sample grid to $OUT (a handful of files) and its run folders to /tmp. Part 1 runs the code paths that only a GPU takes
 # (training on CUDA in fp32 / 16-mixed / bf16-mixed, resume with the optimizer state on the device, evaluation,
 # sampling, the conv and ladder models); part 2 is the throughput table of section 2 on the GPU.
 set -euo pipefail
