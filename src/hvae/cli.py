@@ -56,6 +56,9 @@ def check_accelerator(kind: str) -> None:
         raise ConfigError("--device mps: Apple's Metal backend is not available here; use --device cpu")
 
 
+DEVICE_HELP = "cpu | cuda | cuda:N (default: cuda when a GPU is available, else cpu)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hvae", description="Variational autoencoders: train, evaluate, generate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even when the run has EMA")
     e.add_argument("--data-dir", help="override the run's data.data_dir")
-    e.add_argument("--device", default=None)
+    e.add_argument("--device", default=None, help=DEVICE_HELP)
     e.add_argument("--no-progress", action="store_true")
 
     for name, text in (("sample", "draw from the prior and decode"), ("reconstruct", "test images and their reconstructions"),
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--n", type=int, default=64 if name == "sample" else 16, help="images / pairs")
         g.add_argument("--out", type=Path, help=f"PNG path (default RUN/{name}.png)")
         g.add_argument("--seed", type=int, default=0)
-        g.add_argument("--device", default=None)
+        g.add_argument("--device", default=None, help=DEVICE_HELP)
         g.add_argument("--data-dir", help="override the run's data.data_dir")
         if name == "sample":
             g.add_argument("--temperature", type=_float_list, default=[1.0],
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("run", type=Path)
     n.add_argument("--out", type=Path, help="NPZ path (default RUN/latents.npz)")
     n.add_argument("--limit", type=int, help="the first N test images only")
-    n.add_argument("--device", default=None)
+    n.add_argument("--device", default=None, help=DEVICE_HELP)
     n.add_argument("--data-dir", help="override the run's data.data_dir")
     n.add_argument("--no-ema", action="store_true")
     lv = sub.add_parser("levels", help="what each level controls: keep the top levels of test images, redraw the rest")
@@ -120,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--temperature", type=_float_list, default=[1.0], help="one value, or one per level (level 1 first)")
     lv.add_argument("--out", type=Path, help="PNG path (default RUN/levels.png)")
     lv.add_argument("--seed", type=int, default=0)
-    lv.add_argument("--device", default=None)
+    lv.add_argument("--device", default=None, help=DEVICE_HELP)
     lv.add_argument("--data-dir", help="override the run's data.data_dir")
     add_view_parsers(sub)
     return parser
@@ -145,7 +148,7 @@ def add_view_parsers(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("run", type=Path)
     common.add_argument("--out", type=Path, help="PNG path (default RUN/edit-ACTION.png)")
-    common.add_argument("--device", default=None)
+    common.add_argument("--device", default=None, help=DEVICE_HELP)
     common.add_argument("--data-dir", help="override the run's data.data_dir")
     common.add_argument("--no-ema", action="store_true", help="use the raw weights even when the run has EMA")
     ed = sub.add_parser("edit", help="edit latents: interpolate, attribute arithmetic, traversals (PNG grids)")
@@ -176,7 +179,7 @@ def add_view_parsers(sub) -> None:
     r.add_argument("--temperature", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--tsne", action="store_true", help="add a t-SNE view (needs scikit-learn)")
-    r.add_argument("--device", default=None)
+    r.add_argument("--device", default=None, help=DEVICE_HELP)
     r.add_argument("--data-dir", help="override the run's data.data_dir")
     r.add_argument("--no-ema", action="store_true")
     r.add_argument("--no-progress", action="store_true")
