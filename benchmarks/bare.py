@@ -35,7 +35,7 @@ def bernoulli_binarize(images_u8: torch.Tensor) -> torch.Tensor:
 
 def integer_binarize(images_u8: torch.Tensor) -> torch.Tensor:
     """The same distribution drawn as [u < pixel], u uniform on the integers 0..254 (cheaper on a CPU)."""
-    return (torch.randint(0, 255, images_u8.shape, dtype=torch.uint8) < images_u8).float()
+    return (torch.randint(0, 255, images_u8.shape, dtype=torch.uint8, device=images_u8.device) < images_u8).float()
 
 
 def bare_epoch(model, opt, train_u8, batch: int = 128, gen=None, steps: int | None = None,

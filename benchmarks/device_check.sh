@@ -25,6 +25,7 @@ fi
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs the same script here, as a dry run of the script itself
 OUT=${OUT:-/tmp/hvae-device-out}
 RUNS=/tmp/hvae-device-runs
+rm -rf "$RUNS"  # a rerun on the same machine starts clean (hvae train refuses a non-empty --out)
 mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1 HVAE_DATA="$PWD/.devdata" PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if ! python3 -c 'import lightning_fabric' 2>/dev/null; then
@@ -32,6 +33,8 @@ if ! python3 -c 'import lightning_fabric' 2>/dev/null; then
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 hvae() { python3 -m hvae "$@"; }
+# Each check runs even when an earlier one failed (GPU time is scarce); the script fails at the end if any did.
+check() { echo "+ $*" >&2; "$@" || { echo "FAILED: $*" >&2; echo x >> "$RUNS/failed"; }; }
 
 {
     if [ "$DEVICE" = cuda ]; then
@@ -40,20 +43,21 @@ hvae() { python3 -m hvae "$@"; }
     fi
 
     echo "## 1. CUDA code paths"
-    hvae train --device $DEVICE --epochs 2 --set data.validation=1000 --out "$RUNS/fp32" --no-progress
-    hvae train --resume "$RUNS/fp32" --epochs 3 --no-progress
-    hvae eval "$RUNS/fp32" --device $DEVICE --k 1000 --limit 2000 --json --no-progress > "$OUT/eval-fp32.json"
-    hvae sample "$RUNS/fp32" --device $DEVICE --n 64 --out "$OUT/samples-fp32.png"
-    hvae train --device $DEVICE --precision 16-mixed --epochs 1 --out "$RUNS/fp16" --no-progress
-    hvae train --device $DEVICE --precision bf16-mixed --epochs 1 --out "$RUNS/bf16" --no-progress
-    hvae train --device $DEVICE --epochs 1 --set model.arch=conv --out "$RUNS/conv" --no-progress
-    hvae eval "$RUNS/conv" --device $DEVICE --k 100 --limit 500 --json --no-progress
-    hvae train --device $DEVICE --epochs 1 --config configs/best-ladder.yaml --out "$RUNS/ladder" --no-progress
-    hvae eval "$RUNS/ladder" --device $DEVICE --k 100 --limit 500 --json --no-progress
+    check hvae train --device $DEVICE --epochs 2 --set data.validation=1000 --out "$RUNS/fp32" --no-progress
+    check hvae train --resume "$RUNS/fp32" --epochs 3 --no-progress
+    check hvae eval "$RUNS/fp32" --device $DEVICE --k 1000 --limit 2000 --json --no-progress > "$OUT/eval-fp32.json"
+    check hvae sample "$RUNS/fp32" --device $DEVICE --n 64 --out "$OUT/samples-fp32.png"
+    check hvae train --device $DEVICE --precision 16-mixed --epochs 1 --out "$RUNS/fp16" --no-progress
+    check hvae train --device $DEVICE --precision bf16-mixed --epochs 1 --out "$RUNS/bf16" --no-progress
+    check hvae train --device $DEVICE --epochs 1 --set model.arch=conv --out "$RUNS/conv" --no-progress
+    check hvae eval "$RUNS/conv" --device $DEVICE --k 100 --limit 500 --json --no-progress
+    check hvae train --device $DEVICE --epochs 1 --config configs/best-ladder.yaml --out "$RUNS/ladder" --no-progress
+    check hvae eval "$RUNS/ladder" --device $DEVICE --k 100 --limit 500 --json --no-progress
     for run in "$RUNS"/*/; do echo "$run: $(grep '"epoch_seconds"' "$run/metrics.jsonl" | tail -n 1)"; done
 
     echo "## 2. Throughput on the GPU"
-    python3 benchmarks/throughput.py --device $DEVICE --repeats 5 --steps 200 --eval-images 500 \
+    check python3 benchmarks/throughput.py --device $DEVICE --repeats 5 --steps 200 --eval-images 500 \
         --variant train.precision=bf16-mixed --variant model.arch=conv --variant model.name=ladder \
         --eval-chunk-mb 8 64 512 --json "$OUT/throughput-gpu.json"
+    [ ! -e "$RUNS/failed" ] || { echo "$(wc -l < "$RUNS/failed") check(s) FAILED" >&2; exit 1; }
 } 2>&1 | tee "$OUT/device-check.log"

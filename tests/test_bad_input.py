@@ -153,8 +153,18 @@ def test_resume_without_checkpoint(capsys, run, tmp_path):
 
 
 def test_resume_refuses_config_changes(capsys, run):
-    expect_bad_input(capsys, ["train", "--resume", run, "--set", "train.lr=0.1"], run, "only --epochs may change")
+    expect_bad_input(capsys, ["train", "--resume", run, "--set", "train.lr=0.1"], run, "only --epochs and --device may change")
+    expect_bad_input(capsys, ["train", "--resume", run, "--precision", "bf16-mixed"], run, "(got --precision)")
     expect_bad_input(capsys, ["train", "--resume", run, "--out", run.parent / "elsewhere"], run, "drop --out")
+
+
+def test_resume_may_move_the_run_to_another_device(run):
+    """A run trained on one device resumes on another (here its saved accelerator, as if 'cuda', is overridden)."""
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["accelerator"] = "cuda"
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run), "--device", "cpu", "--epochs", "2", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["accelerator"] == "cpu"
 
 
 def test_resume_of_a_checkpoint_from_a_newer_hvae(capsys, run):

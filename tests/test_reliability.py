@@ -234,3 +234,10 @@ def test_loss_scaling_overflows_lower_the_scale_and_training_recovers(idx_dir, t
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"grad_norm"' in line]
     assert 0 < logged[-1]["grad_norm"] < 1e4  # the true norm, not one multiplied by the scale
     assert all(torch.isfinite(w).all() for w in final_weights(run).values())
+    # The scale travels in the checkpoint: a resumed run goes on from it, not from the start scale again.
+    saved = ckpt.load_state(ckpt.checkpoint_dir(run))["scaler"]
+    assert saved["scale"] == scalers[0].get_scale() < start
+    train(tiny_cfg(idx_dir, **{"train.epochs": 3, "train.log_every": 1}), run, resume=True, progress=False)
+    resumed_nonfinite = ckpt.load_state(ckpt.checkpoint_dir(run))["counters"]["nonfinite"]
+    # Restarting from the start scale would overflow again as many times as the first run did.
+    assert resumed_nonfinite - nonfinite < nonfinite, (nonfinite, resumed_nonfinite)

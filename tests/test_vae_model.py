@@ -147,6 +147,7 @@ def test_loss_falls_on_a_small_fixed_batch(arch):
     (3, 4, 6, 3, 2, 0, 1, 1, True),   # output padding, non-square input
     (2, 3, 3, 3, 1, 1, 0, 2, False),  # dilation, no bias
     (5, 7, 7, 5, 3, 2, 2, 1, True),
+    (2, 4, 4, 3, 1, 0, 1, 2, True),   # output padding >= stride (allowed as dilation > stride): the parent's path
 ])
 def test_one_channel_transposed_conv_matches_torch_in_value_and_gradient(c_in, h, w, k, stride, pad, out_pad, dil, bias):
     """The matmul + col2im form of the one-output-channel layer is nn.ConvTranspose2d, forward and backward."""

@@ -45,6 +45,10 @@ def device_for(name: str | None) -> str:
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a device; use cpu or cuda (cuda:N for one GPU)") from None
     check_accelerator(kind)
+    index = torch.device(name).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"numbered 0..{torch.cuda.device_count() - 1}")
     return name
 
 
@@ -190,10 +194,13 @@ def resolve_train_config(args) -> Config:
         if args.out and args.out != args.resume:
             raise ConfigError("--resume DIR continues DIR itself; drop --out (or give the same folder)")
         cfg = from_dict(ckpt.read_json(args.resume / "config.json"))
-        others = [f for f in ("config", "model", "levels", "dataset", "data_dir", "batch_size", "lr", "seed") if getattr(args, f)]
+        others = [f for f in ("config", "model", "levels", "dataset", "data_dir", "batch_size", "lr", "seed", "devices",
+                              "strategy", "precision") if getattr(args, f)]
         if others or args.set:
-            raise ConfigError(f"--resume uses the run's saved config; only --epochs may change (got --{(others or ['set'])[0].replace('_', '-')})")
-        return apply(cfg, {"train.epochs": args.epochs} if args.epochs is not None else {})
+            raise ConfigError("--resume uses the run's saved config; only --epochs and --device may change "
+                              f"(got --{(others or ['set'])[0].replace('_', '-')})")
+        changes = {"train.epochs": args.epochs, "train.accelerator": args.device}
+        return apply(cfg, {k: v for k, v in changes.items() if v is not None})
     if not args.out:
         raise ConfigError("hvae train needs --out DIR (the run directory) or --resume DIR")
     updates = load_yaml(args.config) if args.config else {}
@@ -207,7 +214,7 @@ def resolve_train_config(args) -> Config:
 
 
 # Why: the "-true" half precisions would cast the weights but not the held-out data the loop scores itself.
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "32", "bf16", "16")  # the last three: Fabric's short names
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 

@@ -78,7 +78,8 @@ class OneChannelConvTranspose2d(nn.ConvTranspose2d):
     output channel is 1.3-1.7x slower to train and 2.3-3.3x slower to evaluate (BENCHMARKS.md, section 2b)."""
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or output_size is not None or self.groups != 1:
+        if (x.device.type != "cpu" or x.dim() != 4 or output_size is not None or self.groups != 1
+                or any(op >= s for op, s in zip(self.output_padding, self.stride))):  # F.fold has no such blocks
             return super().forward(x, output_size)
         (h, w), (kh, kw) = x.shape[-2:], self.kernel_size
         out = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, s, p, d, k, op in

@@ -63,11 +63,12 @@ def kl_weight(cfg: Config, step: int, steps_per_epoch: int) -> float:
     return cfg.train.beta * min(1.0, step / (cfg.train.warmup_epochs * steps_per_epoch))
 
 
-def rng_state(gen: torch.Generator, device: torch.device) -> dict:
+def rng_state(gen: torch.Generator, device: torch.device, world: int = 1) -> dict:
     """The RNG streams a resumed run must continue: torch's CPU stream, the data stream, and on CUDA the device's
-    stream (where the reparameterization noise is drawn)."""
+    stream (where the reparameterization noise is drawn). Rank 0's streams only: with several processes a
+    resume does not replay the other ranks' noise exactly (so their CUDA stream is not overwritten by rank 0's)."""
     state = {"torch": torch.get_rng_state(), "data": gen.get_state()}
-    if device.type == "cuda":
+    if device.type == "cuda" and world == 1:
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
@@ -188,11 +189,13 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
         ckpt.write_json(out / "config.json", to_dict(cfg))
         write_provenance(out, data.files, argv)
     objective, optimizer = fabric.setup(Objective(model, spec), optimizer)
-    if resume:  # after setup: the optimizer state goes where the parameters now are (e.g. the GPU)
-        optimizer.load_state_dict(state["optimizer"])
     # Why: with 16-mixed Fabric scales the loss; the guard must see the true gradients, and a skipped step must
     # still lower the scale after an overflow (GradScaler.update), else the same overflow repeats.
     scaler = getattr(fabric.strategy.precision, "scaler", None)
+    if resume:  # after setup: the optimizer state goes where the parameters now are (e.g. the GPU)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
     ema = EMA(model, t.ema) if t.ema > 0 else None
     if ema is not None and ema_weights is not None:
         ema.shadow = {k: v.to(fabric.device) for k, v in ema_weights.items()}
@@ -204,7 +207,9 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     def save() -> None:
         if rank == 0:
             state = {"step": step, "counters": counters, "data_shape": list(data.data_shape),
-                     "optimizer": optimizer.state_dict(), "rng": rng_state(data_gen, fabric.device)}
+                     "optimizer": optimizer.state_dict(), "rng": rng_state(data_gen, fabric.device, world)}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
             ckpt.save_checkpoint(out, model.state_dict(), state, ema.shadow if ema else None)
 
     # 3. The loop: batch -> objective -> backward -> guard -> update -> EMA -> log / checkpoint.
