@@ -241,3 +241,21 @@ def test_loss_scaling_overflows_lower_the_scale_and_training_recovers(idx_dir, t
     resumed_nonfinite = ckpt.load_state(ckpt.checkpoint_dir(run))["counters"]["nonfinite"]
     # Restarting from the start scale would overflow again as many times as the first run did.
     assert resumed_nonfinite - nonfinite < nonfinite, (nonfinite, resumed_nonfinite)
+
+
+def test_rng_state_from_another_kind_of_device_starts_fresh_streams_with_a_note(capsys):
+    """A checkpoint written on a GPU (its data stream a CUDA generator's) resumed on a CPU: no crash, a note."""
+    from hvae.train import rng_state, set_rng_state
+
+    gen = torch.Generator().manual_seed(7)
+    state = rng_state(gen, torch.device("cpu"))
+    assert state["data_device"] == "cpu" and "cuda" not in state
+    expected = torch.randint(0, 255, (5,), generator=gen)
+    set_rng_state(state, gen, torch.device("cpu"))  # same device kind: the stream continues exactly
+    assert torch.equal(torch.randint(0, 255, (5,), generator=gen), expected)
+    old = {k: v for k, v in state.items() if k != "data_device"}  # a checkpoint from before the key: CPU
+    set_rng_state(old, gen, torch.device("cpu"))
+    assert torch.equal(torch.randint(0, 255, (5,), generator=gen), expected)
+    foreign = {**state, "data": torch.zeros(16, dtype=torch.uint8), "data_device": "cuda", "cuda": torch.zeros(16)}
+    set_rng_state(foreign, gen, torch.device("cpu"))
+    assert "trained on cuda, resumed on cpu" in capsys.readouterr().err

@@ -67,15 +67,22 @@ def rng_state(gen: torch.Generator, device: torch.device, world: int = 1) -> dic
     """The RNG streams a resumed run must continue: torch's CPU stream, the data stream, and on CUDA the device's
     stream (where the reparameterization noise is drawn). Rank 0's streams only: with several processes a
     resume does not replay the other ranks' noise exactly (so their CUDA stream is not overwritten by rank 0's)."""
-    state = {"torch": torch.get_rng_state(), "data": gen.get_state()}
+    state = {"torch": torch.get_rng_state(), "data": gen.get_state(), "data_device": gen.device.type}
     if device.type == "cuda" and world == 1:
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
 def set_rng_state(state: dict, gen: torch.Generator, device: torch.device) -> None:
+    """Restores what rng_state saved. A run resumed on another kind of device (e.g. trained on a GPU, resumed on
+    a CPU) cannot continue that device's streams: they start afresh from the run's seeds, and a note says so."""
     torch.set_rng_state(state["torch"])
-    gen.set_state(state["data"])
+    saved_on = state.get("data_device", "cpu")  # checkpoints before this key: the data stream was on the CPU
+    if saved_on == gen.device.type:
+        gen.set_state(state["data"])
+    else:
+        print(f"note: trained on {saved_on}, resumed on {gen.device.type}: the binarization noise and sampling "
+              "noise go on as new streams (the data order is the same)", file=sys.stderr)
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
@@ -172,7 +179,10 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     spec = TrainingObjective(n_samples=t.n_samples, iw_k=t.iw_k, beta=t.beta, free_bits=t.free_bits,
                              analytic_kl=t.analytic_kl)
     optimizer = make_optimizer(cfg, model.parameters())
-    data_gen = torch.Generator().manual_seed(t.seed * 1000 + 1 + rank)
+    # Why: the training images live on the run's device and are binarized there with a generator on that device
+    # (on a GPU no per-step binarization on the host and copy; on a CPU both are no-ops).
+    train_x = train_x.to(fabric.device)
+    data_gen = torch.Generator(device=fabric.device).manual_seed(t.seed * 1000 + 1 + rank)
     step, counters, ema_weights = 0, {"skipped": 0, "nonfinite": 0, "clipped_after_skips": 0}, None
 
     # 2. Resume: model, optimizer, EMA, counters and RNG exactly as saved.
@@ -215,7 +225,7 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     # 3. The loop: batch -> objective -> backward -> guard -> update -> EMA -> log / checkpoint.
     try:
         for epoch in range(step // steps_per_epoch, t.epochs):
-            order = epoch_order(len(train_x), t.seed, epoch)
+            order = epoch_order(len(train_x), t.seed, epoch).to(fabric.device)
             first = step - epoch * steps_per_epoch
             bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}", file=sys.stderr,
                        disable=not progress or rank != 0, dynamic_ncols=True, leave=False)
