@@ -133,8 +133,9 @@ def main() -> None:
     contenders = {"hvae (default)": apply(Config(), base)}
     other_model = set()  # another model or more samples per example: the default VAE's FLOP count does not apply
     for v in args.variant:
-        contenders[f"hvae {v}"] = apply(Config(), {**base, **parse_set([v])})
-        if any(key.startswith("model.") or key in ("train.n_samples", "train.iw_k") for key in parse_set([v])):
+        variant = parse_set([v])
+        contenders[f"hvae {v}"] = apply(Config(), {**base, **variant})
+        if any(key.startswith("model.") or key in ("train.n_samples", "train.iw_k") for key in variant):
             other_model.add(f"hvae {v}")
 
     # 1. Training: the hand-written loops and hvae epochs, alternating.
@@ -151,14 +152,15 @@ def main() -> None:
     bare = loops["bare loop"][0]
     speeds: dict[str, list[float]] = {**{k: [] for k in loops}, **{k: [] for k in contenders}}
     roof_times = []
+    by_difference = args.clock == "cpu" or dev.type == "cuda"  # see hvae_epoch_diff
     for r in range(args.repeats):
         for name, (model, opt, binarize) in loops.items():
             t0 = clock()
             n = bare_epoch(model, opt, flat_dev, args.batch, steps=args.steps, binarize=binarize)
             speeds[name].append(n / (clock() - t0))
         for name, cfg in contenders.items():
-            diff = args.clock == "cpu" or dev.type == "cuda"
-            speeds[name].append(hvae_epoch_diff(cfg, data.train_x, args.steps, clock) if diff else hvae_epoch(cfg))
+            speeds[name].append(hvae_epoch_diff(cfg, data.train_x, args.steps, clock) if by_difference
+                                else hvae_epoch(cfg))
         roof_times.append(matmul_seconds(train_shapes(args.batch), clock=clock, device=dev))
         print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in speeds.items()), file=sys.stderr)
     train_flop = flops(train_shapes(args.batch)) / args.batch  # per example

@@ -41,12 +41,11 @@ def device_for(name: str | None) -> str:
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        kind = torch.device(name).type
+        device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a device; use cpu or cuda (cuda:N for one GPU)") from None
-    check_accelerator(kind)
-    index = torch.device(name).index
-    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+    check_accelerator(device.type)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                           f"numbered 0..{torch.cuda.device_count() - 1}")
     return name
