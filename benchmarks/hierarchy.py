@@ -156,11 +156,13 @@ def plot_curves(runs: list[Path], speed: dict[str, float]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    lows: list[float] = []
     for run in runs:
         points = curve_points(run, speed.get(run.name))
         if not points:
             continue
         epochs, seconds, nll = zip(*points)
+        lows += nll
         by_epoch.plot(epochs, nll, marker="o", label=run.name)
         by_time.plot(seconds, nll, marker="o", label=run.name)
     time_label = "training seconds (one torch thread): epochs x measured s/epoch" if speed else "training seconds (one torch thread)"
@@ -169,7 +171,6 @@ def plot_curves(runs: list[Path], speed: dict[str, float]) -> Path:
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
     by_epoch.set_ylabel("test IW-NLL, k = 1000, first 2000 images (nats)")
-    lows = [p[2] for r in runs for p in curve_points(r)]
     if lows:
         by_epoch.set_ylim(min(lows) - 1, min(lows) + 15)
     by_time.legend(fontsize=8)
