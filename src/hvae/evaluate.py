@@ -44,7 +44,7 @@ def evaluate(model: nn.Module, x: Tensor, k: int = 1000, batch_size: int = 100,
     model.eval()
     torch.manual_seed(seed)
     n, n_dims = len(x), math.prod(x.shape[1:])
-    chunk = chunk_for(k, batch_size, n_dims, chunk_bytes)
+    chunk = chunk_for(k, min(batch_size, n), n_dims, chunk_bytes)  # fewer images than a batch: longer chunks
     sums = {"reconstruction": 0.0, "kl": 0.0, "iw": 0.0}
     kl_levels: Tensor | None = None
     mean_stats: list[list[Tensor]] | None = None  # per level: [sum, sum of squares] over images, float64

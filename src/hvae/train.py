@@ -198,7 +198,10 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
         out.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out / "config.json", to_dict(cfg))
         write_provenance(out, data.files, argv)
-    objective, optimizer = fabric.setup(Objective(model, spec), optimizer)
+    # Why compile before setup: Fabric then compiles the inner module only (after a DDP wrap), and its own wrapper
+    # (precision context, hooks) stays out of the graph and of dynamo's per-call guards.
+    objective = Objective(model, spec)
+    objective, optimizer = fabric.setup(torch.compile(objective) if t.compile else objective, optimizer)
     # Why: with 16-mixed Fabric scales the loss; the guard must see the true gradients, and a skipped step must
     # still lower the scale after an overflow (GradScaler.update), else the same overflow repeats.
     scaler = getattr(fabric.strategy.precision, "scaler", None)
@@ -209,7 +212,6 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     ema = EMA(model, t.ema) if t.ema > 0 else None
     if ema is not None and ema_weights is not None:
         ema.shadow = {k: v.to(fabric.device) for k, v in ema_weights.items()}
-    step_fn = torch.compile(objective) if t.compile else objective
     params = [p for p in model.parameters() if p.requires_grad]
     guard = UpdateGuard(t, counters)
     log = MetricsLog(out / "metrics.jsonl", step if resume else None, t.tensorboard) if rank == 0 else None
@@ -234,7 +236,7 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
                 lo = i * t.batch_size + rank * local_batch
                 x = fabric.to_device(to_model_input(train_x[order[lo:lo + local_batch]], cfg.model.likelihood, data_gen))
                 beta = kl_weight(cfg, step, steps_per_epoch)
-                obj, terms = step_fn(x, torch.tensor(beta))
+                obj, terms = objective(x, torch.tensor(beta))
                 loss = -obj.mean()
                 fabric.backward(loss)
                 if scaler is not None:
