@@ -146,6 +146,81 @@ def test_guard_catches_a_nonfinite_gradient_under_a_finite_loss(want_norm, bad):
     assert not applied and guard.counters["nonfinite"] == 1
 
 
+def test_the_guard_is_deferred_only_where_a_sync_costs_and_the_optimizer_can_skip_itself():
+    from hvae.train import defer_guard
+
+    t = Config().train
+    fused = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))], fused=True)
+    plain = torch.optim.Adamax([torch.nn.Parameter(torch.ones(2))])
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert defer_guard(t, fused, gpu, None)
+    assert not defer_guard(t, fused, cpu, None)  # a sync is free on a CPU
+    assert not defer_guard(t, plain, gpu, None)  # cannot skip its own update
+    assert not defer_guard(t, fused, gpu, object())  # loss scaling: the GradScaler's own path
+    assert not defer_guard(apply(Config(), {"train.grad_clip": 1.0}).train, fused, gpu, None)
+    assert not defer_guard(apply(Config(), {"train.skip_threshold": 1.0}).train, fused, gpu, None)
+
+
+def _nan_at_calls(monkeypatch, bad_calls) -> None:
+    """The training objective (value and logged terms) turns NaN at the given calls (1-based)."""
+    import hvae.train as tr
+
+    real, calls = tr.training_objective, {"n": 0}
+
+    def flaky(model, x, spec):
+        obj, terms = real(model, x, spec)
+        calls["n"] += 1
+        if calls["n"] in bad_calls:
+            return obj * float("nan"), type(terms)(*(term * float("nan") for term in terms))
+        return obj, terms
+
+    monkeypatch.setattr(tr, "training_objective", flaky)
+
+
+def _without_timers(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("bad_calls", [(), (3, 4, 5, 11)])
+def test_deferred_guard_trains_bit_for_bit_like_the_synced_one(idx_dir, tmp_path, monkeypatch, bad_calls):
+    """The device-side guard (used off CPU; forced here) skips the same steps as the host-side one: the same
+    weights, EMA, Adam state, counters and logged metrics, with and without non-finite steps."""
+    import hvae.train as tr
+
+    runs = {}
+    for deferred in (False, True):
+        monkeypatch.setattr(tr, "defer_guard", lambda *args, d=deferred: d)
+        _nan_at_calls(monkeypatch, bad_calls)
+        runs[deferred] = tmp_path / f"deferred-{deferred}"
+        train(tiny_cfg(idx_dir, **{"train.ema": 0.9, "train.log_every": 5}), runs[deferred], progress=False)
+    synced, deferred = (ckpt.checkpoint_dir(runs[d]) for d in (False, True))
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(synced / name), load_file(deferred / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state_a, state_b = ckpt.load_state(synced), ckpt.load_state(deferred)
+    assert state_a["counters"] == state_b["counters"] and state_b["counters"]["nonfinite"] == len(bad_calls)
+    for key, value in state_a["optimizer"]["state"].items():
+        assert all(torch.equal(value[k], state_b["optimizer"]["state"][key][k]) for k in value)
+    assert _without_timers(runs[False]) == _without_timers(runs[True])
+
+
+def test_deferred_guard_stops_on_persistent_nonfinite_and_keeps_the_good_checkpoint(idx_dir, tmp_path, monkeypatch):
+    import hvae.train as tr
+
+    run = tmp_path / "run"
+    train(tiny_cfg(idx_dir, **{"train.epochs": 1}), run, progress=False)
+    good = {k: v.clone() for k, v in final_weights(run).items()}
+    monkeypatch.setattr(tr, "defer_guard", lambda *args: True)
+    _nan_at_calls(monkeypatch, range(1, 10**6))
+    # resumed at step 8: steps 9.. are bad; the verdicts are read at logging steps, so the stop comes at step 15
+    with pytest.raises(TrainingError, match="7 non-finite losses/gradients in a row by step 15"):
+        train(tiny_cfg(idx_dir, **{"train.epochs": 3, "train.max_nonfinite": 4, "train.log_every": 5}), run,
+              resume=True, progress=False)
+    after = final_weights(run)
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
 def test_checkpoint_crash_mid_write_keeps_previous(tmp_path, monkeypatch):
     w1 = {"a": torch.ones(3)}
     ckpt.save_checkpoint(tmp_path, w1, {"step": 1})

@@ -95,12 +95,15 @@ class EMA:
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, applied: Tensor | None = None) -> None:
+        """One averaging step. `applied`: a device bool [] from a deferred guard; where False (the update was
+        skipped) the average stays as it is, with no host sync."""
+        weight = 1.0 - self.decay if applied is None else applied * (1.0 - self.decay)
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                self.shadow[k].lerp_(v, 1.0 - self.decay)
+                self.shadow[k].lerp_(v, weight)
             else:
-                self.shadow[k].copy_(v)
+                self.shadow[k].copy_(v if applied is None else torch.where(applied, v, self.shadow[k]))
 
 
 def grad_norm(params: list[Tensor]) -> Tensor:
@@ -121,11 +124,18 @@ class UpdateGuard:
     training never stalls, unlike VDVAE's unbounded skip); grad_clip clips every applied update.
 
     The gradient norm is computed only when a threshold needs it or the caller logs it (`want_norm`); else
-    finiteness is read from the gradients' sum, which is cheaper (a reduction without squares)."""
+    finiteness is read from the gradients' sum, which is cheaper (a reduction without squares).
 
-    def __init__(self, t, counters: dict[str, int]):
-        self.t, self.counters = t, counters
+    Two ways to decide. `allow` reads the verdict on the host (a host-device sync per step; free on a CPU).
+    `witness` keeps it on the device, for a fused optimizer that skips its own update when told
+    (found_inf): no sync per step; the counters are brought to the host, and the max_nonfinite stop checked,
+    by `settle`, which the loop calls at logging steps, before each checkpoint and at each epoch end."""
+
+    def __init__(self, t, counters: dict[str, int], deferred: bool = False):
+        self.t, self.counters, self.deferred = t, counters, deferred
         self.bad_in_a_row = self.skips_in_a_row = 0
+        # deferred: non-finite steps since the last settle, the current run of them, the longest run since then
+        self.pending = self.run = self.longest = None
 
     def allow(self, loss: Tensor, params: list[Tensor], step: int, want_norm: bool = True) -> tuple[bool, Tensor | None]:
         """-> (apply the update?, the gradient norm or None when neither a threshold nor the caller needs it)."""
@@ -149,6 +159,38 @@ class UpdateGuard:
         if self.t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip)
         return True, norm
+
+    def witness(self, loss: Tensor, params: list[Tensor], want_norm: bool) -> tuple[Tensor, Tensor | None]:
+        """-> (device bool []: loss and gradients finite, the norm when wanted); counted, nothing read on the host."""
+        norm = grad_norm(params) if want_norm else None
+        ok = torch.isfinite(loss) & torch.isfinite(grad_sum(params) if norm is None else norm)
+        bad = (~ok).long()
+        if self.pending is None:
+            self.pending, self.run, self.longest = (torch.zeros((), dtype=torch.long, device=ok.device) for _ in range(3))
+            self.run += self.bad_in_a_row  # a run of bad steps goes on across a settle
+        self.pending += bad
+        self.run.mul_(bad).add_(bad)  # +1 on a bad step, 0 on a good one
+        torch.maximum(self.longest, self.run, out=self.longest)
+        return ok, norm
+
+    def settle(self, step: int) -> None:
+        """Host side of the deferred verdicts: update the counters; stop if max_nonfinite bad steps ran in a row."""
+        if self.pending is None:
+            return
+        pending, run, longest = (int(v) for v in torch.stack([self.pending, self.run, self.longest]).tolist())
+        self.pending = self.run = self.longest = None
+        self.counters["nonfinite"] += pending
+        self.bad_in_a_row = run
+        if longest >= self.t.max_nonfinite:
+            raise TrainingError(f"{longest} non-finite losses/gradients in a row by step {step}; stopped, the last "
+                                "good checkpoint is kept (lower train.lr or set train.grad_clip)")
+
+
+def defer_guard(t, optimizer: torch.optim.Optimizer, device: torch.device, scaler) -> bool:
+    """Keep the update guard's verdict on the device? Where a host sync costs (not on a CPU), the optimizer can skip
+    its own update (fused Adam's found_inf), and no threshold needs the norm on the host."""
+    fused = bool(optimizer.defaults.get("fused")) and isinstance(optimizer, torch.optim.Adam)
+    return (device.type != "cpu" and fused and scaler is None and t.skip_threshold <= 0 and t.grad_clip <= 0)
 
 
 def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = None, progress: bool = True,
@@ -213,10 +255,13 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     if ema is not None and ema_weights is not None:
         ema.shadow = {k: v.to(fabric.device) for k, v in ema_weights.items()}
     params = [p for p in model.parameters() if p.requires_grad]
-    guard = UpdateGuard(t, counters)
+    guard = UpdateGuard(t, counters, deferred=defer_guard(t, optimizer.optimizer, fabric.device, scaler))
+    if guard.deferred:  # fused Adam reads it at each step: 1 skips the whole update, its step count included
+        found_inf = optimizer.optimizer.found_inf = torch.zeros((), device=fabric.device)
     log = MetricsLog(out / "metrics.jsonl", step if resume else None, t.tensorboard) if rank == 0 else None
 
     def save() -> None:
+        guard.settle(step)  # no checkpoint after max_nonfinite bad steps in a row
         if rank == 0:
             state = {"step": step, "counters": counters, "data_shape": list(data.data_shape),
                      "optimizer": optimizer.state_dict(), "rng": rng_state(data_gen, fabric.device, world)}
@@ -241,17 +286,29 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
                 fabric.backward(loss)
                 if scaler is not None:
                     scaler.unscale_(optimizer.optimizer)
-                applied, norm = guard.allow(loss, params, step, want_norm=(step + 1) % t.log_every == 0)
-                if applied:
+                want_norm = (step + 1) % t.log_every == 0
+                batch_means = torch.stack([terms.elbo.mean(), terms.reconstruction.mean(), terms.kl.mean(),
+                                           sums.new_ones(())])
+                if guard.deferred:  # no host-device sync: the verdict stays on the device
+                    ok, norm = guard.witness(loss, params, want_norm)
+                    found_inf.copy_(~ok)
                     optimizer.step()
                     if ema is not None:
-                        ema.update(model)
-                    sums += torch.stack([terms.elbo.mean(), terms.reconstruction.mean(), terms.kl.mean(), sums.new_ones(())])
-                elif scaler is not None:
-                    scaler.update()
+                        ema.update(model, ok)
+                    sums += torch.where(ok, batch_means, 0.0)
+                else:
+                    applied, norm = guard.allow(loss, params, step, want_norm)
+                    if applied:
+                        optimizer.step()
+                        if ema is not None:
+                            ema.update(model)
+                        sums += batch_means
+                    elif scaler is not None:
+                        scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if step % t.log_every == 0:  # every rank joins the all-reduce
+                    guard.settle(step)
                     means = fabric.all_reduce(torch.stack([loss.detach(), terms.elbo.mean(), terms.reconstruction.mean(),
                                                            terms.kl.mean()]),
                                               reduce_op="mean")
@@ -265,6 +322,7 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     save()
             bar.close()
+            guard.settle(step)
             sums = fabric.all_reduce(sums, reduce_op="mean")
             if rank == 0:
                 n = max(1.0, sums[3].item())
