@@ -52,5 +52,6 @@ test-all: setup data
 bench: setup data
 	$(BIN)/python benchmarks/throughput.py --lean --variant train.precision=bf16-mixed --variant train.compile=true
 	$(BIN)/python benchmarks/conv_output_layer.py
+	$(BIN)/python benchmarks/guard_sync.py
 	$(BIN)/python benchmarks/eval_memory.py --k 5000 --images 100 1000
 	$(BIN)/python benchmarks/vae_20_epochs.py --out runs/bench-vae20-$(shell date +%Y%m%d-%H%M%S)

@@ -8,7 +8,8 @@
 # `run` uses that machine's own python3 and PyTorch (hvae from src/, not installed), writes its log, JSON and a
 # sample grid to $OUT (a handful of files) and its run folders to /tmp. Part 1 runs the code paths that only a GPU takes
 # (training on CUDA in fp32 / 16-mixed / bf16-mixed, resume with the optimizer state on the device, evaluation,
-# sampling, the conv and ladder models); part 2 is the throughput table of section 2 on the GPU.
+# sampling, the conv and ladder models); part 2 is the throughput table of section 2 on the GPU; part 3 times the
+# training step with the update guard's verdict read on the host at every step against kept on the device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,5 +60,7 @@ check() { echo "+ $*" >&2; "$@" || { echo "FAILED: $*" >&2; echo x >> "$RUNS/fai
     check python3 benchmarks/throughput.py --device $DEVICE --repeats 5 --steps 200 --eval-images 500 \
         --variant train.precision=bf16-mixed --variant model.arch=conv --variant model.name=ladder \
         --eval-chunk-mb 8 64 512 --json "$OUT/throughput-gpu.json"
+    echo "## 3. The update guard with and without a host-device sync per step"
+    check python3 benchmarks/guard_sync.py --device $DEVICE --repeats 3 --steps 200
     [ ! -e "$RUNS/failed" ] || { echo "$(wc -l < "$RUNS/failed") check(s) FAILED" >&2; exit 1; }
 } 2>&1 | tee "$OUT/device-check.log"

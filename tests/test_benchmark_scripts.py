@@ -61,3 +61,17 @@ def test_throughput_script_runs_end_to_end_and_reports_paired_ratios(idx_dir, tm
     assert rows["train hvae model.arch=conv"]["gflops"] is None and rows["train hvae (default)"]["gflops"] > 0
     assert all(len(result["raw"][name[len("train "):]]) == 2 for name in rows if name.startswith("train "))
     assert result["device"] == "cpu"
+
+
+def test_guard_sync_script_runs_both_guards_and_they_train_alike(idx_dir):
+    """benchmarks/guard_sync.py on a tiny IDX folder: both ways of guarding the update are timed, and on a CPU the two
+    runs end with the same weights bit for bit."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "guard_sync.py"), "--data-dir", str(idx_dir.parent), "--repeats",
+           "1", "--steps", "2", "--batch", "16", "--threads", "1"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout
+    assert "host-side guard (a sync per step)" in out and "device-side guard (no sync)" in out
+    assert "the host-side guard" in out  # the default on a CPU
+    assert out.strip().endswith("largest gap between the two runs' final weights: 0")
