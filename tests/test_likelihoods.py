@@ -61,9 +61,9 @@ def test_discretized_logistic_masses_over_256_values_sum_to_one(loc, log_scale, 
     log_p = px.log_prob(GRID.to(dtype))  # one pixel evaluated at each of its 256 values
     assert torch.isfinite(log_p).all()
     assert (log_p <= 1e-6).all()
-    # Why 1e-4 and not 1e-12: bins whose mass is below 1e-5 use the density at the bin centre times the bin
-    # width (a deliberate underflow guard), which is off by less than ~1e-5 in total (max seen 1.4e-5).
-    assert abs(log_p.double().exp().sum().item() - 1.0) < 1e-4
+    # Why 1e-5 and not 1e-12: bins narrow against the scale use the density at the bin centre times the bin width
+    # (exact to O(width^2)), and float32 rounds.
+    assert abs(log_p.double().exp().sum().item() - 1.0) < 1e-5
 
 
 def test_discretized_logistic_matches_logistic_cdf_differences():
@@ -79,9 +79,8 @@ def test_discretized_logistic_matches_logistic_cdf_differences():
 
 
 def test_discretized_logistic_small_bin_masses_use_density_times_bin_width():
-    # A very wide logistic puts ~2e-6 < 1e-5 in each interior bin, so the midpoint branch is taken; the density
-    # is nearly flat across a bin there, so it must agree with the exact CDF difference (float64, no cancellation
-    # trouble at this size).
+    # A very wide logistic (half a bin is 4e-6 scales) takes the midpoint branch; the density is nearly flat across
+    # a bin there, so it must agree with the exact CDF difference (float64, no cancellation trouble at this size).
     loc, log_scale = torch.tensor(0.2, dtype=torch.float64), torch.tensor(7.0, dtype=torch.float64)
     px = DiscretizedLogistic(loc.expand(256), log_scale.expand(256), 0)
     inner = GRID[1:-1]
@@ -89,6 +88,36 @@ def test_discretized_logistic_small_bin_masses_use_density_times_bin_width():
                                                                                         log_scale.exp())
     assert (exact < 1e-5).all()
     torch.testing.assert_close(px.log_prob(GRID)[1:-1], exact.log(), rtol=1e-6, atol=1e-6)
+
+
+def _logistic_bin_log_mass_float64(loc: float, log_scale: float) -> torch.Tensor:
+    """The reference: CDF differences in float64, on the side of loc where they do not saturate."""
+    s, c = math.exp(log_scale), GRID - loc
+    plus, minus = (c + 1 / 255) / s, (c - 1 / 255) / s
+    inner = torch.where(c > 0, torch.sigmoid(-minus) - torch.sigmoid(-plus), torch.sigmoid(plus) - torch.sigmoid(minus))
+    return torch.where(GRID < -0.999, torch.sigmoid(plus), torch.where(GRID > 0.999, torch.sigmoid(-minus), inner)).log()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-5)])
+@pytest.mark.parametrize("log_scale", [-7.0, -6.0, -5.0, -4.0, -2.0, 0.0, 2.0, 7.0])
+def test_discretized_logistic_bin_masses_are_exact_from_centre_to_far_tails(dtype, tol, log_scale):
+    """Every bin with log mass above -60, narrow scales included, where the density at the bin centre times the
+    width would be off by up to 2 nats (half a bin is 4.3 scales at log_scale -7)."""
+    for loc in (-0.9, -0.03, 0.4, 1.0):
+        reference = _logistic_bin_log_mass_float64(loc, log_scale)
+        px = DiscretizedLogistic(torch.full((256,), loc, dtype=dtype), torch.full((256,), log_scale, dtype=dtype), 0)
+        log_p = px.log_prob(GRID.to(dtype)).double()
+        seen = reference > -60
+        assert seen.sum() >= 3
+        torch.testing.assert_close(log_p[seen], reference[seen], rtol=0, atol=tol)
+
+
+def test_discretized_logistic_gradients_are_finite_in_every_branch():
+    loc = torch.tensor([-0.03, 0.0, 0.5, 0.2, -0.4], dtype=torch.float32, requires_grad=True)
+    log_scale = torch.tensor([-7.0, -7.0, 0.0, 7.0, -3.0], requires_grad=True)
+    x = torch.tensor([0.0, 255.0, 153.0, 102.0, 242.0]) / 127.5 - 1  # edge bins, centre, wide and narrow tails
+    DiscretizedLogistic(loc, log_scale, 1).log_prob(x).backward()
+    assert torch.isfinite(loc.grad).all() and torch.isfinite(log_scale.grad).all()
 
 
 def test_discretized_logistic_sums_over_data_dims_and_is_finite_far_from_loc():
