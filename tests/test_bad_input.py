@@ -119,6 +119,15 @@ def test_mistyped_set_value(capsys, tmp_path, data_root, item, fragment):
                      tmp_path / "out", fragment)
 
 
+@pytest.mark.parametrize("item, fragment", [
+    ("train.log_every=0", "train.log_every must be >= 1"), ("train.max_nonfinite=0", "train.max_nonfinite must be >= 1"),
+    ("train.max_skips=-1", "train.max_skips must be >= 0"),
+    ("train.checkpoint_every=-5", "train.checkpoint_every must be >= 0")])
+def test_out_of_range_loop_settings(capsys, tmp_path, data_root, item, fragment):
+    expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY, "--set", item],
+                     tmp_path / "out", fragment)
+
+
 @pytest.mark.parametrize("text, fragment", [("train:\n  lr: [1,\n", "not valid YAML"), ("- 1\n", "mapping"),
                                             ("train:\n  lrr: 1\n", "'train.lr'"), (b"\xff\xfe\x00", "UTF-8")])
 def test_bad_yaml_file(capsys, tmp_path, data_root, text, fragment):

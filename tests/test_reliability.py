@@ -221,6 +221,108 @@ def test_deferred_guard_stops_on_persistent_nonfinite_and_keeps_the_good_checkpo
     assert all(torch.equal(good[k], after[k]) for k in good)
 
 
+def _epoch_records(run: Path) -> list[dict]:
+    return [r for r in _without_timers(run) if "train_elbo" in r]
+
+
+def test_resume_continues_a_run_of_skipped_updates_exactly(idx_dir, tmp_path):
+    """The guard's in-a-row counts travel in the checkpoint: the skip/clip cadence, and so the weights, of a resumed
+    run equal an uninterrupted one's."""
+    extra = {"train.skip_threshold": 1e-9, "train.max_skips": 2}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_cfg(idx_dir, **extra), straight, progress=False)
+    train(tiny_cfg(idx_dir, **extra, **{"train.epochs": 1}), resumed, progress=False)
+    train(tiny_cfg(idx_dir, **extra), resumed, resume=True, progress=False)
+    a, b = (ckpt.load_state(ckpt.checkpoint_dir(r)) for r in (straight, resumed))
+    assert a["counters"] == b["counters"] and a["counters"]["clipped_after_skips"] == 5
+    w_a, w_b = final_weights(straight), final_weights(resumed)
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+def test_crash_at_an_epoch_end_then_resume_keeps_every_epoch_record_and_mean(idx_dir, tmp_path, monkeypatch):
+    """checkpoint_every falls on the epoch's last step (6 steps, every 3) and the run dies in that epoch's
+    validation: the resumed run (from step 3, mid-epoch) still writes epoch 1's record, with the whole epoch's
+    means, equal to an uninterrupted run's."""
+    import hvae.train as tr
+
+    extra = {"data.validation": 64, "train.checkpoint_every": 3}  # 192 training images: 6 steps of 32
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train(tiny_cfg(idx_dir, **extra), straight, progress=False)
+    real = tr.validation_elbo
+
+    def dies_once(*args, **kwargs):
+        monkeypatch.setattr(tr, "validation_elbo", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "validation_elbo", dies_once)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(idx_dir, **extra), crashed, progress=False)
+    assert ckpt.load_state(ckpt.checkpoint_dir(crashed))["step"] == 3
+    train(tiny_cfg(idx_dir, **extra), crashed, resume=True, progress=False)
+    assert [r["epoch"] for r in _epoch_records(crashed)] == [1, 2]
+    assert _epoch_records(crashed) == _epoch_records(straight)
+    w_a, w_b = final_weights(straight), final_weights(crashed)
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+def test_resume_keeps_the_original_provenance_and_appends_its_own(idx_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(idx_dir, **{"train.epochs": 1}), run, argv=["hvae", "train", "--lr", "0.002"], progress=False)
+    train(tiny_cfg(idx_dir), run, resume=True, argv=["hvae", "train", "--resume", str(run)], progress=False)
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["command"] == ["hvae", "train", "--lr", "0.002"] and "started" in prov
+    assert [r["command"] for r in prov["resumes"]] == [["hvae", "train", "--resume", str(run)]]
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path, capsys):
+    from hvae.rundir import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.5}\n{"step": 15, "lo')
+    log = MetricsLog(path, resume_step=10)
+    log.write({"step": 11, "loss": 0.4})
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [5, 10, 11]
+    assert "dropped 1 damaged line" in capsys.readouterr().err
+
+
+def test_overwrite_removes_the_old_runs_checkpoints_and_keeps_other_files(tmp_path):
+    from hvae.rundir import prepare_new
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "last").mkdir(parents=True)
+    (run / "checkpoints" / "last" / "model.safetensors").write_bytes(b"old")
+    (run / "tensorboard").mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "notes.txt").write_text("mine")
+    prepare_new(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_failed_checkpoint_write_leaves_no_temp_folder_and_keeps_the_previous(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, {"w": torch.ones(3)}, {"step": 1})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        ckpt.save_checkpoint(tmp_path, {"w": torch.zeros(3)}, {"step": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last"]
+    assert ckpt.load_state(ckpt.checkpoint_dir(tmp_path))["step"] == 1
+
+
+def test_run_files_follow_the_umask_like_any_other_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ckpt.save_checkpoint(tmp_path, {"w": torch.ones(3)}, {"step": 1})
+        ckpt.write_json(tmp_path / "config.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "checkpoints" / "last").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_checkpoint_crash_mid_write_keeps_previous(tmp_path, monkeypatch):
     w1 = {"a": torch.ones(3)}
     ckpt.save_checkpoint(tmp_path, w1, {"step": 1})

@@ -228,6 +228,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1; got {value}")
     if t.devices < 1:
         raise ConfigError(f"train.devices must be >= 1; got {t.devices}")
+    for key, value, least in (("train.log_every", t.log_every, 1), ("train.max_nonfinite", t.max_nonfinite, 1),
+                              ("train.max_skips", t.max_skips, 0), ("train.checkpoint_every", t.checkpoint_every, 0)):
+        if value < least:
+            raise ConfigError(f"{key} must be >= {least}; got {value}")
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"train.seed must be in [0, 2**32); got {t.seed}")
     if t.tensorboard and importlib.util.find_spec("tensorboard") is None:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -14,9 +18,14 @@ from .errors import RunDirError
 from .checkpoint import write_json
 
 
+# What `hvae train` writes into a run directory besides config.json and provenance.json (rewritten at the start).
+TRAINING_OUTPUTS = ("metrics.jsonl", "checkpoints", "tensorboard")
+
+
 def prepare_new(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty DIR unless overwrite; create it otherwise. Nothing is deleted here:
-    with --overwrite, files are replaced one by one as the new run writes them."""
+    """Refuse an existing non-empty DIR unless overwrite; create it otherwise. With --overwrite the old run's
+    metrics, checkpoints and TensorBoard events go (else a new run that stops before its first checkpoint
+    would leave the old weights under the new config); other files in DIR are left alone."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -24,8 +33,12 @@ def prepare_new(out: Path, overwrite: bool) -> None:
                           "--overwrite to replace it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        for stale in ("metrics.jsonl",):
-            (out / stale).unlink(missing_ok=True)
+        for stale in TRAINING_OUTPUTS:
+            path = out / stale
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def cpu_name() -> str:
@@ -46,8 +59,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_provenance(out: Path, data_files: Iterable[Path], argv: list[str] | None) -> None:
-    """DIR/provenance.json: versions, git commit, data hashes, CPU/GPU, command line."""
+def write_provenance(out: Path, data_files: Iterable[Path], argv: list[str] | None, resume: bool = False) -> None:
+    """DIR/provenance.json: versions, git commit, data hashes, CPU/GPU, command line, start time. A resume keeps
+    the run's original record and appends its own to the list under "resumes"."""
     import torch
 
     from . import __version__
@@ -68,8 +82,18 @@ def write_provenance(out: Path, data_files: Iterable[Path], argv: list[str] | No
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(), "command": argv if argv is not None else sys.argv,
         "data_files": {str(p): _sha256(p) for p in data_files},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json(out / "provenance.json", info)
+    path = out / "provenance.json"
+    if resume and path.is_file():
+        try:
+            original = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            original = None
+        if isinstance(original, dict):
+            original.setdefault("resumes", []).append(info)
+            info = original
+    write_json(path, info)
 
 
 class MetricsLog:
@@ -81,16 +105,38 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None, tensorboard: bool = False):
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            self._keep_up_to(resume_step)
         self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise RunDirError("train.tensorboard needs the tensorboard package: pip install 'hvae[tensorboard]'") from None
-            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+            # purge_step: on resume, events past the checkpoint are dropped as in metrics.jsonl
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"),
+                                        purge_step=None if resume_step is None else resume_step + 1)
         self.file = open(path, "a")
+
+    def _keep_up_to(self, step: int) -> None:
+        """Drop the lines past `step` (and any line a crash cut short), rewriting the file atomically."""
+        kept, damaged = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                damaged += line.strip() != ""
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        if damaged:
+            print(f"note: {self.path}: dropped {damaged} damaged line(s) (cut short by a crash?)", file=sys.stderr)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, self.path.stat().st_mode & 0o777)
+        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -144,7 +144,7 @@ class UpdateGuard:
             self.bad_in_a_row += 1
             self.counters["nonfinite"] += 1
             if self.bad_in_a_row >= self.t.max_nonfinite:
-                raise TrainingError(f"{self.bad_in_a_row} non-finite losses/gradients in a row at step {step}; "
+                raise TrainingError(f"{self.bad_in_a_row} non-finite losses/gradients in a row at step {step + 1}; "
                                     "stopped, the last good checkpoint is kept (lower train.lr or set train.grad_clip)")
             return False, norm
         self.bad_in_a_row = 0
@@ -239,7 +239,7 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out / "config.json", to_dict(cfg))
-        write_provenance(out, data.files, argv)
+        write_provenance(out, data.files, argv, resume)
     # Why compile before setup: Fabric then compiles the inner module only (after a DDP wrap), and its own wrapper
     # (precision context, hooks) stays out of the graph and of dynamo's per-call guards.
     objective = Objective(model, spec)
@@ -256,6 +256,8 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
         ema.shadow = {k: v.to(fabric.device) for k, v in ema_weights.items()}
     params = [p for p in model.parameters() if p.requires_grad]
     guard = UpdateGuard(t, counters, deferred=defer_guard(t, optimizer.optimizer, fabric.device, scaler))
+    if resume:  # a run of skipped or non-finite steps goes on across a checkpoint
+        guard.bad_in_a_row, guard.skips_in_a_row = state.get("guard", (0, 0))
     if guard.deferred:  # fused Adam reads it at each step: 1 skips the whole update, its step count included
         found_inf = optimizer.optimizer.found_inf = torch.zeros((), device=fabric.device)
     log = MetricsLog(out / "metrics.jsonl", step if resume else None, t.tensorboard) if rank == 0 else None
@@ -263,8 +265,11 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     def save() -> None:
         guard.settle(step)  # no checkpoint after max_nonfinite bad steps in a row
         if rank == 0:
+            # epoch_sums/epoch_seconds: the epoch so far, so a resume mid-epoch reports the whole epoch's means
             state = {"step": step, "counters": counters, "data_shape": list(data.data_shape),
-                     "optimizer": optimizer.state_dict(), "rng": rng_state(data_gen, fabric.device, world)}
+                     "optimizer": optimizer.state_dict(), "rng": rng_state(data_gen, fabric.device, world),
+                     "guard": [guard.bad_in_a_row, guard.skips_in_a_row], "epoch_sums": sums.tolist(),
+                     "epoch_seconds": time.perf_counter() - epoch_start}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             ckpt.save_checkpoint(out, model.state_dict(), state, ema.shadow if ema else None)
@@ -277,6 +282,9 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
             bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}", file=sys.stderr,
                        disable=not progress or rank != 0, dynamic_ncols=True, leave=False)
             epoch_start, sums = time.perf_counter(), torch.zeros(4, device=fabric.device)
+            if resume and first > 0 and "epoch_sums" in state:  # resumed mid-epoch: go on with the epoch's sums
+                sums = torch.tensor(state["epoch_sums"], device=fabric.device)
+                epoch_start -= state["epoch_seconds"]
             for i in bar:
                 lo = i * t.batch_size + rank * local_batch
                 x = fabric.to_device(to_model_input(train_x[order[lo:lo + local_batch]], cfg.model.likelihood, data_gen))
@@ -319,8 +327,8 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
                                   "grad_norm": norm.item(), **counters}
                         log.write(record)
                         bar.set_postfix(loss=f"{record['loss']:.2f}", kl=f"{record['kl']:.1f}")
-                if t.checkpoint_every and step % t.checkpoint_every == 0:
-                    save()
+                if t.checkpoint_every and step % t.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                    save()  # (an epoch's last step: the epoch-end checkpoint below, after its record)
             bar.close()
             guard.settle(step)
             sums = fabric.all_reduce(sums, reduce_op="mean")
