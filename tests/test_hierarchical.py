@@ -374,3 +374,54 @@ def test_eval_reports_and_warns_about_a_collapsed_level(capsys):
     x = torch.bernoulli(torch.full((6, 1, 4, 4), 0.5))
     result = evaluate(model, x, k=4, progress=False)
     assert result["collapsed_levels"] == [2] and result["kl_per_level"][1] < 1e-6
+
+
+def _two_level_chain(level1_informative: bool, log_var: float = -4.0):
+    """MHVAE with q(z_2 | z_1) = N(z_1, e^log_var I) and p(z_1 | z_2) = N(z_2, e^log_var I); q(z_1 | x) = N(0, I)
+    for every x, or with a mean that moves with x."""
+    torch.manual_seed(0)
+    model = MHVAE((1, 4, 4), (3, 3), hidden=(8,), level_hidden=())
+    with torch.no_grad():
+        if level1_informative:
+            model.head.linear.weight[:3] *= 10  # the means of q(z_1 | x) move with x
+        else:
+            model.head.linear.weight.zero_()
+            model.head.linear.bias.zero_()
+        for g in (model.up[0], model.down[0]):
+            g.head.linear.weight.zero_()
+            g.head.linear.bias.zero_()
+            g.head.linear.weight[:3, :3] = torch.eye(3)
+            g.head.linear.bias[3:] = log_var
+    return model
+
+
+def test_active_units_use_the_posterior_mean_over_the_other_levels_draws():
+    """Burda's Cov_x(E_q[z_u]) for a level whose q depends on a sampled level: with z_2 = z_1 + noise and
+    q(z_1 | x) = N(0, I) for every x, no unit of level 2 is informative (one draw of z_1 made all 3 look active);
+    with an informative level 1 its units are, with the variance a 4000-draw average gives."""
+    from hvae.editing import posterior_mean_variance
+    from hvae.evaluate import evaluate
+
+    x = torch.bernoulli(torch.full((400, 1, 4, 4), 0.5))
+    blind = _two_level_chain(level1_informative=False)
+    assert evaluate(blind, x, k=2, progress=False)["active_units_per_level"] == [0, 0]
+    assert all((v.abs() < 0.01).all() for v in posterior_mean_variance(blind, x))
+
+    seeing = _two_level_chain(level1_informative=True)
+    variances = posterior_mean_variance(seeing, x)
+    with torch.no_grad():
+        reference = seeing.infer(x, 4000).levels[1].z.mean(0).double().var(0, unbiased=False)
+    assert (reference > 0.05).all()
+    torch.testing.assert_close(variances[1], reference, rtol=0.1, atol=0.005)
+    assert evaluate(seeing, x, k=2, progress=False)["active_units_per_level"][1] == 3
+
+
+def test_a_level_with_a_negative_sampled_rate_that_carries_information_is_not_called_collapsed():
+    """MHVAE rates below the top are Monte Carlo log-ratios and may be negative: level 1 here has a mean rate far
+    below 0.01 nats yet follows x, so it is judged by its active units, not its rate."""
+    from hvae.evaluate import evaluate
+
+    model = _two_level_chain(level1_informative=True, log_var=-10.0)
+    result = evaluate(model, torch.bernoulli(torch.full((200, 1, 4, 4), 0.5)), k=2, progress=False)
+    assert result["kl_per_level"][0] < -1 and result["active_units_per_level"][0] > 0
+    assert result["collapsed_levels"] == []

@@ -306,7 +306,8 @@ def cmd_eval(args) -> int:
                       progress=not args.no_progress)
     for level in result["collapsed_levels"]:
         print(f"hvae eval: warning: level {level} has collapsed (mean KL {result['kl_per_level'][level - 1]:.4f} "
-              "nats); try KL warm-up (train.warmup_epochs) or free bits (train.free_bits)", file=sys.stderr)
+              f"nats, {result['active_units_per_level'][level - 1]} active units); try KL warm-up "
+              "(train.warmup_epochs) or free bits (train.free_bits)", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:

@@ -140,14 +140,16 @@ def kl_per_dimension(model, x: Tensor, batch_size: int = 500) -> list[Tensor]:
 
 @torch.no_grad()
 def posterior_mean_variance(model, x: Tensor, batch_size: int = 500) -> list[Tensor]:
-    """Cov_x(E_q[z_u]) of each unit, per level: [N, *data] -> list of [D_t] (float64; a unit is active above 0.01)."""
-    sums: list[list[Tensor]] | None = None  # per level: [rows, sum, sum of squares]
-    for lo in range(0, len(x), batch_size):
-        trace = model.infer(x[lo:lo + batch_size].to(model_device(model)), 1)
-        means = [_per_unit(level.q.mean, level).double() for level in trace.levels]  # [B, D_t] (S = 1)
-        stats = [[m.new_tensor(len(m)), m.sum(0), m.pow(2).sum(0)] for m in means]
-        sums = stats if sums is None else [[a + b for a, b in zip(old, new)] for old, new in zip(sums, stats)]
-    return [(s2 / n - (s1 / n) ** 2).cpu() for n, s1, s2 in sums]
+    """Cov_x(E_q[z_u]) of each unit, per level: [N, *data] -> list of [D_t] (float64; a unit is active above 0.01).
+    The estimate is evaluate's (posterior_mean_moments), with the global RNG stream left as it was."""
+    from .evaluate import posterior_mean_moments, unit_variances
+
+    moments = None
+    with torch.random.fork_rng(devices=[model_device(model)] if model_device(model).type == "cuda" else []):
+        for lo in range(0, len(x), batch_size):
+            batch = posterior_mean_moments(model, x[lo:lo + batch_size].to(model_device(model)))
+            moments = batch if moments is None else [(a1 + b1, a2 + b2) for (a1, a2), (b1, b2) in zip(moments, batch)]
+    return [v.cpu() for v in unit_variances(moments, len(x))]
 
 
 def _per_unit(t: Tensor, level) -> Tensor:
