@@ -333,3 +333,95 @@ def test_eval_batch_size_zero(capsys, run):
 def test_zero_devices(capsys, tmp_path, data_root):
     expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY, "--devices", "0"],
                      tmp_path / "out", "devices")
+
+
+# --- cases found by a review of the CLI -----------------------------------------------------------------
+
+@pytest.mark.parametrize("item, fragment", [
+    ("train.strategy=foo", "train.strategy"), ("model.variance=foo", "unknown variance"),
+    ("model.hidden=[]", "model config"), ("model.hidden=[-4]", "model config")])
+def test_overwrite_with_a_config_that_cannot_run_keeps_the_old_run(capsys, run, data_root, item, fragment):
+    expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", run, "--overwrite", *TINY, "--set", item],
+                     run, fragment)
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("train.beta=-1", "train.beta must be >= 0"), ("train.free_bits=-1", "train.free_bits must be >= 0"),
+    ("train.warmup_epochs=-1", "train.warmup_epochs"), ("train.grad_clip=-1", "train.grad_clip"),
+    ("train.skip_threshold=-1", "train.skip_threshold"), ("train.threads=100000", "train.threads")])
+def test_out_of_range_training_values(capsys, tmp_path, data_root, item, fragment):
+    expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY, "--set", item],
+                     tmp_path / "out", fragment)
+
+
+def test_data_dir_that_does_not_exist_is_refused_not_replaced_by_another_copy(capsys, run, tmp_path):
+    expect_bad_input(capsys, ["eval", run, "--k", "2", "--data-dir", tmp_path / "nowhere"], run, "no such folder")
+    expect_bad_input(capsys, ["train", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "out", *TINY],
+                     tmp_path / "out", "no such folder")
+
+
+def test_train_out_or_resume_that_cannot_be_a_folder(capsys, tmp_path, data_root):
+    (tmp_path / "a-file").write_text("mine")
+    expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "a-file" / "run", *TINY],
+                     tmp_path / "a-file", "cannot create run directory")
+    expect_bad_input(capsys, ["train", "--resume", tmp_path / "a-file", "--no-progress"], tmp_path / "a-file",
+                     "no such run directory")
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("latent_dim", -3, "config.json"), ("name", "vea", "unknown model"), ("likelihood", "poisson", "config.json"),
+    ("hidden", [], "config.json")])
+def test_commands_on_a_run_whose_config_json_was_edited_wrong(capsys, run, key, value, fragment):
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"][key] = value
+    (run / "config.json").write_text(json.dumps(cfg))
+    for command in (["eval", run, "--k", "2"], ["sample", run, "--n", "2", "--out", run.parent / "s.png"]):
+        expect_bad_input(capsys, command, run, fragment)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["interpolate", "{run}", "--n", "40"], "test images"),
+    (["sample", "{run}", "--seed", "99999999999999999999"], "--seed must be in"),
+    (["sample", "{run}", "--seed", "-1"], "--seed must be in"),
+    (["sample", "{run}", "--temperature", "nan"], "finite"),
+    (["sample", "{run}", "--temperature", "inf"], "finite"),
+    (["report", "{run}", "--temperature", "-1", "--no-progress"], "--temperature must be >= 0"),
+    (["report", "{run}", "--seed", "-5", "--no-progress"], "--seed must be in"),
+    (["edit", "arithmetic", "{run}", "--from", "0", "--to", "1", "--limit", "-1"], "--limit must be >= 1"),
+    (["edit", "arithmetic", "{run}", "--from", "0", "--to", "1", "--scales", "nan"], "finite"),
+    (["edit", "traverse", "{run}", "--span", "inf"], "finite"),
+    (["edit", "traverse", "{run}", "--span", "0"], "--span must be > 0"),
+    (["edit", "traverse", "{run}", "--dims", ","], "--dims is empty"),
+    (["sample", "{run}", "--device", "meta"], "not a device hvae runs on"),
+    (["encode", "{run}", "--device", "xla"], "not a device hvae runs on")])
+def test_generation_and_editing_options_out_of_range(capsys, run, trained, argv, fragment):
+    argv = [a.replace("{run}", str(run)) for a in argv] + ["--data-dir", str(trained[1])]
+    expect_bad_input(capsys, argv, run, fragment)
+
+
+@pytest.mark.parametrize("command, extra", [(["sample"], []), (["edit", "traverse"], []),
+                                            (["report"], ["--no-progress"]), (["encode"], [])])
+def test_outputs_that_cannot_be_written(capsys, run, trained, tmp_path, command, extra):
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "a-folder").mkdir()
+    suffix = ".npz" if command == ["encode"] else ".png"
+    for out, fragment in ((tmp_path / "a-folder", "is a folder"), (tmp_path / "a-file" / f"x{suffix}", "cannot write")):
+        expect_bad_input(capsys, [*command, run, *extra, "--out", out, "--data-dir", trained[1]], tmp_path / "a-file",
+                         fragment)
+
+
+def test_several_configs_merge_in_order_and_relative_paths_are_stored_absolute(tmp_path, data_root, monkeypatch):
+    (tmp_path / "base.yaml").write_text("model:\n  hidden: [16]\n  latent_dim: 3\ntrain:\n  epochs: 1\n  lr: 0.01\n")
+    (tmp_path / "more.yaml").write_text("train:\n  lr: 0.002\n")
+    monkeypatch.chdir(data_root.parent)
+    out = tmp_path / "run"
+    assert main(["train", "--config", tmp_path / "base.yaml", "--config", tmp_path / "more.yaml", "--data-dir", "data",
+                 "--out", out, "--batch-size", "32", "--no-progress"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["hidden"] == [16] and cfg["train"]["lr"] == 0.002 and cfg["train"]["epochs"] == 1
+    assert cfg["data"]["data_dir"] == str(data_root)
+
+
+def test_encode_names_the_file_it_wrote(capsys, run, trained, tmp_path):
+    assert main(["encode", str(run), "--out", str(tmp_path / "lat"), "--data-dir", str(trained[1])]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "lat.npz") and (tmp_path / "lat.npz").is_file()

@@ -77,7 +77,11 @@ def test_lookup_order_data_dir_then_env_then_system(tmp_path, monkeypatch):
     monkeypatch.setenv("HVAE_DATA", str(tmp_path / "env"))
     assert len(load_dataset("fashion-mnist", tmp_path / "given").train_x) == 11
     assert len(load_dataset("fashion-mnist").train_x) == 12
-    assert len(load_dataset("fashion-mnist", tmp_path / "empty").train_x) == 12  # a missing --data-dir falls through
+    with pytest.raises(DataError, match="no such folder"):  # a mistyped --data-dir does not fall through to a copy
+        load_dataset("fashion-mnist", tmp_path / "missing")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match="no such folder"):
+        load_dataset("fashion-mnist", tmp_path / "file")
     monkeypatch.delenv("HVAE_DATA")
     assert len(load_dataset("fashion-mnist").train_x) == 13
 

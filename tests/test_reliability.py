@@ -286,8 +286,8 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path, capsys):
     assert "dropped 1 damaged line" in capsys.readouterr().err
 
 
-def test_overwrite_removes_the_old_runs_checkpoints_and_keeps_other_files(tmp_path):
-    from hvae.rundir import prepare_new
+def test_a_new_run_removes_an_earlier_runs_checkpoints_and_keeps_other_files(tmp_path):
+    from hvae.rundir import clear_training_outputs
 
     run = tmp_path / "run"
     (run / "checkpoints" / "last").mkdir(parents=True)
@@ -295,7 +295,7 @@ def test_overwrite_removes_the_old_runs_checkpoints_and_keeps_other_files(tmp_pa
     (run / "tensorboard").mkdir()
     (run / "metrics.jsonl").write_text("{}\n")
     (run / "notes.txt").write_text("mine")
-    prepare_new(run, overwrite=True)
+    clear_training_outputs(run)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 

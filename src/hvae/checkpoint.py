@@ -173,7 +173,7 @@ def load_foreign_weights(path: Path) -> dict[str, Tensor]:
 def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = True) -> torch.nn.Module:
     """The trained model of a run directory, in eval mode; the EMA weights when the run has them (and ema)."""
     from .config import ConfigError, from_dict
-    from .models import build_model
+    from .models import build_checked
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -184,7 +184,10 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu", ema: bo
         raise CheckpointError(f"{run_dir}/config.json does not match this hvae ({e})") from None
     last = checkpoint_dir(run_dir)
     state = load_state(last)
-    model = build_model(cfg.model, state["data_shape"])
+    try:
+        model = build_checked(cfg.model, state["data_shape"])
+    except ValueError as e:
+        raise CheckpointError(f"{run_dir}/config.json: {e}; the file was edited or is damaged") from None
     source = last / ("ema.safetensors" if ema and (last / "ema.safetensors").exists() else "model.safetensors")
     load_weights_into(model, load_tensors(source), source)
     return model.to(device).eval()

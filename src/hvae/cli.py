@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,8 +17,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, apply, from_dict, load_yaml, parse_set
-from .data import DataError, load_dataset, test_input
-from .errors import InputError
+from .data import KNOWN, DataError, load_dataset, test_input
+from .errors import InputError, RunDirError
 from .rundir import prepare_new
 
 BAD_INPUT = InputError
@@ -43,7 +44,9 @@ def device_for(name: str | None) -> str:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use cpu or cuda (cuda:N for one GPU)") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name!r} is not a device hvae runs on; use cpu, cuda (cuda:N for one GPU) or mps")
     check_accelerator(device.type)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
@@ -67,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model into a run directory")
-    t.add_argument("--config", help="YAML preset (sections model/data/train)")
+    t.add_argument("--config", action="append", default=[],
+                   help="YAML preset (sections model/data/train); several are merged in order, later ones win")
     t.add_argument("--model", help="vae | mhvae | ladder (model.name)")
     t.add_argument("--levels", type=int, help="latent levels of mhvae/ladder (model.levels)")
     t.add_argument("--dataset", help="fashion-mnist | mnist | PATH.npz | PATH.npy (data.dataset)")
@@ -146,6 +150,35 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0,0.5,1; got {text!r}") from None
 
 
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, 2**32); got {seed}")
+
+
+def check_finite(flag: str, values) -> None:
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{flag} must be finite numbers; got {','.join(map(str, values))}")
+
+
+def check_temperatures(flag: str, temps: list[float]) -> None:
+    check_finite(flag, temps)
+    if not temps or min(temps) < 0:
+        raise ConfigError(f"{flag} must be >= 0 (one value, or one per level); got {' '.join(map(str, temps))}")
+
+
+def write_output(out: Path, write) -> Path:
+    """Run write(out), turning an unwritable --out (a folder, a file as parent, no permission) into bad input."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write(out)
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror or e}; choose another --out") from None
+    return out
+
+
 def add_view_parsers(sub) -> None:
     """`hvae edit interpolate|arithmetic|traverse RUN ...` and `hvae report RUN ...`."""
     common = argparse.ArgumentParser(add_help=False)
@@ -190,6 +223,8 @@ def add_view_parsers(sub) -> None:
 
 def resolve_train_config(args) -> Config:
     if args.resume:
+        if not args.resume.is_dir():
+            raise RunDirError(f"--resume {args.resume}: no such run directory; pass the --out folder of hvae train")
         if args.out and args.out != args.resume:
             raise ConfigError("--resume DIR continues DIR itself; drop --out (or give the same folder)")
         cfg = from_dict(ckpt.read_json(args.resume / "config.json"))
@@ -202,14 +237,23 @@ def resolve_train_config(args) -> Config:
         return apply(cfg, {k: v for k, v in changes.items() if v is not None})
     if not args.out:
         raise ConfigError("hvae train needs --out DIR (the run directory) or --resume DIR")
-    updates = load_yaml(args.config) if args.config else {}
+    updates = {}
+    for preset in args.config:  # later files win, key by key
+        updates.update(load_yaml(preset))
     flags = {"model.name": args.model, "model.levels": args.levels, "data.dataset": args.dataset, "data.data_dir": args.data_dir,
              "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,
              "train.seed": args.seed, "train.accelerator": args.device, "train.devices": args.devices,
              "train.strategy": args.strategy, "train.precision": args.precision}
     updates.update({k: v for k, v in flags.items() if v is not None})
     updates.update(parse_set(args.set))
-    return apply(Config(), updates)
+    cfg = apply(Config(), updates)
+    # Why absolute: the run's data is read again later (eval, sample, resume) from wherever the user then is.
+    absolute = {}
+    if cfg.data.dataset not in KNOWN and Path(cfg.data.dataset).suffix in (".npz", ".npy"):
+        absolute["data.dataset"] = str(Path(cfg.data.dataset).expanduser().absolute())
+    if cfg.data.data_dir:
+        absolute["data.data_dir"] = str(Path(cfg.data.data_dir).expanduser().absolute())
+    return apply(cfg, absolute)
 
 
 # Why: the "-true" half precisions would cast the weights but not the held-out data the loop scores itself.
@@ -219,8 +263,6 @@ ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 def validate(cfg: Config) -> None:
     """Fail fast on values the dataclass types cannot express (bad names, non-positive sizes)."""
-    from .models import build_model
-
     t = cfg.train
     for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.n_samples", t.n_samples),
                        ("train.iw_k", t.iw_k), ("model.latent_dim", cfg.model.latent_dim)):
@@ -232,6 +274,12 @@ def validate(cfg: Config) -> None:
                               ("train.max_skips", t.max_skips, 0), ("train.checkpoint_every", t.checkpoint_every, 0)):
         if value < least:
             raise ConfigError(f"{key} must be >= {least}; got {value}")
+    for key, value in (("train.beta", t.beta), ("train.warmup_epochs", t.warmup_epochs), ("train.free_bits", t.free_bits),
+                       ("train.grad_clip", t.grad_clip), ("train.skip_threshold", t.skip_threshold)):
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0; got {value}")
+    if not 0 <= t.threads <= 1024:
+        raise ConfigError(f"train.threads must be in [0, 1024] (0: PyTorch's default); got {t.threads}")
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"train.seed must be in [0, 2**32); got {t.seed}")
     if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -247,8 +295,24 @@ def validate(cfg: Config) -> None:
     check_accelerator(t.accelerator)
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {t.precision!r}")
+    strategies = strategy_names()
+    if t.strategy not in strategies:
+        raise ConfigError(f"train.strategy (--strategy) must be one of {', '.join(strategies)}; got {t.strategy!r}")
+    check_model_config(cfg.model)
+
+
+def strategy_names() -> list[str]:
+    from lightning_fabric.strategies import STRATEGY_REGISTRY
+
+    return ["auto", *sorted(STRATEGY_REGISTRY.available_strategies())]
+
+
+def check_model_config(model_cfg) -> None:
+    """Build the model and score two blank images, so a bad value fails here and not mid-run."""
+    from .models import build_checked
+
     try:
-        build_model(cfg.model, (1, 28, 28) if cfg.model.arch == "conv" else (1, 4, 4))
+        build_checked(model_cfg, (1, 28, 28) if model_cfg.arch == "conv" else (1, 4, 4))
     except ValueError as e:
         raise ConfigError(f"model config: {e}") from None
 
@@ -322,9 +386,9 @@ def cmd_generate(args) -> int:
 
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1; got {args.n}")
+    check_seed(args.seed)
     temps = getattr(args, "temperature", [1.0])
-    if not temps or min(temps) < 0:
-        raise ConfigError(f"--temperature must be >= 0 (one value, or one per level); got {' '.join(map(str, temps))}")
+    check_temperatures("--temperature", temps)
     if getattr(args, "steps", 2) < 2:
         raise ConfigError(f"--steps must be >= 2; got {args.steps}")
     cfg, model = _run_and_model(args)
@@ -343,9 +407,11 @@ def cmd_generate(args) -> int:
             images, nrow = torch.stack([x, model.reconstruct(x)], 1).flatten(0, 1), 8
         else:
             x = _test_images(cfg, args, 2 * args.n).to(device)
+            if len(x) < 2 * args.n:
+                raise ConfigError(f"--n {args.n} pairs need {2 * args.n} test images; the test set has {len(x)}")
             images = interpolate(model, x[: args.n], x[args.n: 2 * args.n], args.steps, args.spherical).flatten(0, 1)
             nrow = args.steps
-    save_grid(to_unit_range(images, cfg.model.likelihood), out, nrow=nrow)
+    write_output(out, lambda path: save_grid(to_unit_range(images, cfg.model.likelihood), path, nrow=nrow))
     print(out)
     return 0
 
@@ -370,7 +436,10 @@ def _edit_interpolate(model, x, y, args):
 def _edit_arithmetic(model, x, y, args):
     from .editing import class_arithmetic
 
+    check_finite("--scales", args.scales)
     if args.limit is not None:
+        if args.limit < 1:
+            raise ConfigError(f"--limit must be >= 1; got {args.limit}")
         x, y = x[: args.limit], None if y is None else y[: args.limit]
     return class_arithmetic(model, x, y, args.from_class, args.to_class, args.n, args.scales)
 
@@ -380,6 +449,11 @@ def _edit_traverse(model, x, y, args):
 
     if args.steps < 2:
         raise ConfigError(f"--steps must be >= 2; got {args.steps}")
+    check_finite("--span", args.span)
+    if args.span <= 0:
+        raise ConfigError(f"--span must be > 0 (z_d runs from -SPAN to SPAN); got {args.span}")
+    if args.dims is not None and not args.dims:
+        raise ConfigError("--dims is empty; give dimensions like 0,3,5, or leave it out for the 10 most informative")
     z = encode_means(model, _test_image(x, args.index, "--index"))[0]
     dims = args.dims if args.dims else most_informative_dims(model, x[:1000], 10)
     return traverse(model, z, dims, torch.linspace(-args.span, args.span, args.steps))
@@ -395,7 +469,7 @@ def cmd_edit(args) -> int:
     with torch.no_grad():
         images, nrow = rows(edit(model, x, data.test_y, args))  # [rows * columns, *data]
     out = args.out or args.run / f"edit-{args.action}.png"
-    save_grid(to_unit_range(images, cfg.model.likelihood), out, nrow=nrow)
+    write_output(out, lambda path: save_grid(to_unit_range(images, cfg.model.likelihood), path, nrow=nrow))
     print(out)
     return 0
 
@@ -403,10 +477,20 @@ def cmd_edit(args) -> int:
 def cmd_report(args) -> int:
     from .report import ReportOptions, build_report
 
+    check_seed(args.seed)
+    check_temperatures("--temperature", [args.temperature])
+    out = args.out or args.run / "report.html"
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file path")
     options = ReportOptions(k=args.k, limit=args.limit, n_samples=args.n, temperature=args.temperature,
                             seed=args.seed, device=device_for(args.device), data_dir=args.data_dir,
                             ema=not args.no_ema, tsne=args.tsne, progress=not args.no_progress)
-    print(build_report(args.run, args.out, options))
+    try:
+        print(build_report(args.run, out, options))
+    except OSError as e:
+        if e.filename is None or Path(e.filename) not in (out, *out.parents):
+            raise
+        raise ConfigError(f"cannot write {out}: {e.strerror or e}; choose another --out") from None
     return 0
 
 
@@ -416,19 +500,22 @@ def cmd_levels(args) -> int:
 
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1; got {args.n}")
+    check_seed(args.seed)
+    check_finite("--temperature", args.temperature)
     cfg, model = _run_and_model(args)
     torch.manual_seed(args.seed)
     x = _test_images(cfg, args, args.n).to(next(model.parameters()).device)
     grid = level_resamples(model, x, args.samples, args.temperature)  # [B, cols, *data]
     out = args.out or args.run / "levels.png"
-    save_grid(to_unit_range(grid.flatten(0, 1), cfg.model.likelihood), out, nrow=grid.shape[1])
+    write_output(out, lambda path: save_grid(to_unit_range(grid.flatten(0, 1), cfg.model.likelihood), path,
+                                             nrow=grid.shape[1]))
     print(out)
     return 0
 
 
 @torch.no_grad()
 def cmd_encode(args) -> int:
-    """RUN/latents.npz: z{t}_mean [N, D_t] for each level t (1 nearest x) and the labels when known."""
+    """RUN/latents.npz: z{t}_mean [N, D_t], E_q[z_t | x] for each level t (1 nearest x), and the labels when known."""
     import numpy as np
 
     if args.limit is not None and args.limit < 1:
@@ -436,17 +523,20 @@ def cmd_encode(args) -> int:
     cfg, model = _run_and_model(args)
     data = load_dataset(cfg.data.dataset, args.data_dir or cfg.data.data_dir)
     x = test_input(data.test_x, cfg.model.likelihood)[: args.limit]
+    from .evaluate import posterior_means
+
     device = next(model.parameters()).device
     torch.manual_seed(0)
-    means: list[list] = []
-    for lo in range(0, len(x), 500):
-        trace = model.infer(x[lo:lo + 500].to(device), 1)
-        means.append([lvl.q.mean.reshape(-1, lvl.q.mean.shape[-1]).cpu() for lvl in trace.levels])
+    means = [[m.float().cpu() for m in posterior_means(model, x[lo:lo + 500].to(device))] for lo in range(0, len(x), 500)]
     arrays = {f"z{t + 1}_mean": torch.cat([m[t] for m in means]).numpy() for t in range(len(means[0]))}
     if data.test_y is not None:
         arrays["labels"] = data.test_y[: len(x)].numpy()
     out = args.out or args.run / "latents.npz"
-    np.savez(out, **arrays)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file path")
+    if out.suffix != ".npz":  # what numpy would write
+        out = out.with_name(out.name + ".npz")
+    write_output(out, lambda path: np.savez(path, **arrays))
     print(out)
     return 0
 

@@ -86,6 +86,9 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 
 def _candidate_dirs(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
+    if data_dir and not Path(data_dir).is_dir():  # else the search would go on to another copy, unannounced
+        raise DataError(f"data folder {data_dir} (--data-dir, or the run's data.data_dir): no such folder; pass "
+                        f"--data-dir DIR holding {name}/ or its four IDX files")
     dirs = []
     for base in (data_dir, os.environ.get("HVAE_DATA")):
         if base:

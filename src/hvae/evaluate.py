@@ -31,6 +31,23 @@ def chunk_for(k: int, batch: int, n_dims: int, max_bytes: int = TENSOR_BYTES) ->
     return max(1, min(k, max_bytes // (4 * n_dims * max(1, batch))))
 
 
+def _mean_halves(level, n_samples: int, batch: int) -> tuple[Tensor, Tensor]:
+    """Two independent estimates of E_q[z_t | x], [B, D_t] float64 each: the level's q mean, averaged over each half
+    of the n_samples draws of the levels it depends on (both the exact mean where q depends on x alone)."""
+    mean, units = level.q.mean.double(), math.prod(level.z.shape[level.z.ndim - level.q.event_ndim:])
+    if mean.ndim == level.z.ndim:  # [S, B, *event]: depends on the sampled levels
+        m_a, m_b = mean[: n_samples // 2].mean(0), mean[n_samples // 2:].mean(0)
+    else:
+        m_a = m_b = mean
+    return m_a.reshape(batch, units), m_b.reshape(batch, units)
+
+
+def posterior_means(model: nn.Module, x: Tensor, n_samples: int = AU_SAMPLES) -> list[Tensor]:
+    """E_q[z_t | x] of every level, [B, D_t] float64 each, for x [B, *data] (see posterior_mean_moments)."""
+    return [(m_a + m_b) / 2 for m_a, m_b in (_mean_halves(level, n_samples, len(x))
+                                              for level in model.infer(x, n_samples).levels)]
+
+
 def posterior_mean_moments(model: nn.Module, x: Tensor, n_samples: int = AU_SAMPLES) -> list[tuple[Tensor, Tensor]]:
     """Per level: (sum over the images x [B, *data] of m(x), sum of m_a(x) * m_b(x)), each [D_t] float64.
 
@@ -44,12 +61,7 @@ def posterior_mean_moments(model: nn.Module, x: Tensor, n_samples: int = AU_SAMP
         raise ValueError(f"n_samples must be >= 2 (two independent halves); got {n_samples}")
     moments = []
     for level in model.infer(x, n_samples).levels:
-        mean, units = level.q.mean.double(), math.prod(level.z.shape[level.z.ndim - level.q.event_ndim:])
-        if mean.ndim == level.z.ndim:  # [S, B, *event]: depends on the sampled levels
-            m_a, m_b = mean[: n_samples // 2].mean(0), mean[n_samples // 2:].mean(0)
-        else:
-            m_a = m_b = mean
-        m_a, m_b = m_a.reshape(len(x), units), m_b.reshape(len(x), units)
+        m_a, m_b = _mean_halves(level, n_samples, len(x))
         moments.append(((m_a + m_b).sum(0) / 2, (m_a * m_b).sum(0)))
     return moments
 

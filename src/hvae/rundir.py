@@ -23,22 +23,29 @@ TRAINING_OUTPUTS = ("metrics.jsonl", "checkpoints", "tensorboard")
 
 
 def prepare_new(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty DIR unless overwrite; create it otherwise. With --overwrite the old run's
-    metrics, checkpoints and TensorBoard events go (else a new run that stops before its first checkpoint
-    would leave the old weights under the new config); other files in DIR are left alone."""
+    """Refuse an existing non-empty DIR unless overwrite; create it otherwise. Nothing is deleted here: the old
+    run's outputs go only when the new run starts writing (train -> clear_training_outputs)."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RunDirError(f"run directory {out} exists and is not empty; pass --resume {out} to continue it, "
                           "--overwrite to replace it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for stale in TRAINING_OUTPUTS:
-            path = out / stale
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create run directory {out}: {e.strerror or e}; choose another --out") from None
+
+
+def clear_training_outputs(out: Path) -> None:
+    """Remove an earlier run's metrics, checkpoints and TensorBoard events from DIR (a new run is about to write
+    there: else one that stops before its first checkpoint would leave the old weights under the new config).
+    Other files in DIR are left alone."""
+    for stale in TRAINING_OUTPUTS:
+        path = out / stale
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def cpu_name() -> str:

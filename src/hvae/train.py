@@ -25,7 +25,7 @@ from .config import Config, ConfigError, to_dict
 from .data import Dataset, epoch_order, load_dataset, split_validation, test_input, to_model_input
 from .models import build_model
 from .objectives import ElboTerms, TrainingObjective, elbo, training_objective
-from .rundir import MetricsLog, write_provenance
+from .rundir import MetricsLog, clear_training_outputs, write_provenance
 
 
 class TrainingError(RuntimeError):
@@ -238,6 +238,8 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
         set_rng_state(state["rng"], data_gen, fabric.device)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # everything above succeeded: only now does an earlier run in DIR (--overwrite) go
+            clear_training_outputs(out)
         ckpt.write_json(out / "config.json", to_dict(cfg))
         write_provenance(out, data.files, argv, resume)
     # Why compile before setup: Fabric then compiles the inner module only (after a DDP wrap), and its own wrapper
