@@ -352,6 +352,8 @@ def _run_and_model(args):
 def _test_images(cfg: Config, args, n: int | None):
     data = load_dataset(cfg.data.dataset, args.data_dir or cfg.data.data_dir)
     x = test_input(data.test_x, cfg.model.likelihood)  # fixed-seed binarization over all, then slice
+    if n is not None and n > len(x):
+        print(f"note: {n} test images asked for, the test set has {len(x)}: using all {len(x)}", file=sys.stderr)
     return x if n is None else x[:n]
 
 
@@ -406,7 +408,7 @@ def cmd_generate(args) -> int:
             x = _test_images(cfg, args, args.n).to(device)
             images, nrow = torch.stack([x, model.reconstruct(x)], 1).flatten(0, 1), 8
         else:
-            x = _test_images(cfg, args, 2 * args.n).to(device)
+            x = _test_images(cfg, args, None)[: 2 * args.n].to(device)
             if len(x) < 2 * args.n:
                 raise ConfigError(f"--n {args.n} pairs need {2 * args.n} test images; the test set has {len(x)}")
             images = interpolate(model, x[: args.n], x[args.n: 2 * args.n], args.steps, args.spherical).flatten(0, 1)
