@@ -339,7 +339,8 @@ def test_zero_devices(capsys, tmp_path, data_root):
 
 @pytest.mark.parametrize("item, fragment", [
     ("train.strategy=foo", "train.strategy"), ("model.variance=foo", "unknown variance"),
-    ("model.hidden=[]", "model config"), ("model.hidden=[-4]", "model config")])
+    ("model.hidden=[32,0]", "model.hidden sizes must be >= 1"), ("model.latent_dims=[-4]", "model.latent_dims"),
+    ("model.activation=tanhh", "model config")])
 def test_overwrite_with_a_config_that_cannot_run_keeps_the_old_run(capsys, run, data_root, item, fragment):
     expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", run, "--overwrite", *TINY, "--set", item],
                      run, fragment)
@@ -370,7 +371,7 @@ def test_train_out_or_resume_that_cannot_be_a_folder(capsys, tmp_path, data_root
 
 @pytest.mark.parametrize("key, value, fragment", [
     ("latent_dim", -3, "config.json"), ("name", "vea", "unknown model"), ("likelihood", "poisson", "config.json"),
-    ("hidden", [], "config.json")])
+    ("hidden", [-2], "config.json")])
 def test_commands_on_a_run_whose_config_json_was_edited_wrong(capsys, run, key, value, fragment):
     cfg = json.loads((run / "config.json").read_text())
     cfg["model"][key] = value

@@ -225,3 +225,57 @@ def test_edit_arithmetic_needs_labels(tmp_path, capsys):
     capsys.readouterr()
     assert main(["edit", "arithmetic", str(run), "--from", "0", "--to", "1"]) == 2
     assert "needs class labels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("eps", [1e-2, 1e-4, 1e-6])
+def test_slerp_stays_on_the_circle_next_to_antipodal_endpoints(eps):
+    """The angle comes from atan2, not acos of a clamped cosine (which pulled such paths towards the origin)."""
+    import math
+
+    from hvae.editing import slerp
+
+    a = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[math.cos(math.pi - eps), math.sin(math.pi - eps)]], dtype=torch.float64)
+    path = slerp(a, b, torch.linspace(0, 1, 9, dtype=torch.float64))
+    torch.testing.assert_close(path.norm(dim=-1), torch.ones(9, 1, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_slerp_is_lerp_for_exactly_parallel_or_antipodal_endpoints():
+    from hvae.editing import lerp, slerp
+
+    a = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    t = torch.linspace(0, 1, 5)
+    for b in (2 * a, -a):
+        torch.testing.assert_close(slerp(a, b, t), lerp(a, b, t))
+
+
+def test_float64_models_sample_and_draw_their_manifold():
+    from hvae.editing import manifold_grid
+    from hvae.models import MHVAE, LadderVAE
+
+    for model in (MHVAE((1, 4, 4), (3, 2), hidden=(8,)).double(), LadderVAE((1, 4, 4), (3, 2), hidden=(8,)).double()):
+        assert model.sample(2).dtype == torch.float64
+        assert model.resample_lower(torch.zeros(2, 1, 4, 4, dtype=torch.float64), keep=0).dtype == torch.float64
+    assert manifold_grid(VAE((1, 4, 4), 2, hidden=[8]).double(), n=3).dtype == torch.float64
+
+
+def test_image_grid_clips_values_outside_the_unit_range_instead_of_wrapping():
+    from hvae.visualize import grid
+
+    pixels = grid(torch.tensor([1.2, -0.1, 0.5, float("nan")]).reshape(4, 1, 1, 1), nrow=4, pad=0).flatten()
+    assert pixels.tolist() == [255, 0, 128, 0]
+
+
+def test_temperatures_accept_numpy_and_tensor_scalars_and_refuse_non_finite():
+    from hvae.models.levels import per_level
+
+    assert per_level(np.float32(0.5), 2) == [0.5, 0.5] and per_level(torch.tensor(0.25), 1) == [0.25]
+    for bad in (float("nan"), float("inf"), [1.0, -1.0]):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            per_level(bad, 2)
+
+
+def test_a_flat_vae_without_hidden_layers_reads_the_pixels_directly():
+    model = VAE((1, 4, 4), 2, hidden=[])
+    assert model.infer(torch.zeros(3, 1, 4, 4), 1).z1.shape == (1, 3, 2)
+    assert model.sample(2).shape == (2, 1, 4, 4)

@@ -295,6 +295,10 @@ def validate(cfg: Config) -> None:
     check_accelerator(t.accelerator)
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {t.precision!r}")
+    for key in ("hidden", "level_hidden", "conv_channels", "latent_dims"):
+        sizes = getattr(cfg.model, key)
+        if any(size < 1 for size in sizes):
+            raise ConfigError(f"model.{key} sizes must be >= 1; got {list(sizes)}")
     strategies = strategy_names()
     if t.strategy not in strategies:
         raise ConfigError(f"train.strategy (--strategy) must be one of {', '.join(strategies)}; got {t.strategy!r}")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError, DataError
@@ -32,13 +33,18 @@ def lerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
 
 
 def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
-    """Spherical interpolation along the great circle through a and b (lerp where they are parallel). -> [T, B, D]."""
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1 + 1e-7, 1 - 1e-7)
-    omega = torch.acos(cos)[None, :, None]  # [1, B, 1]
+    """Spherical interpolation along the great circle through a and b: [B, D] x2, t [T] -> [T, B, D].
+
+    The angle is 2 atan2(|a^ - b^|, |a^ + b^|) of the unit vectors, accurate up to parallel and antipodal pairs
+    (acos of a clamped cosine loses it there); where sin(angle) < 1e-6 (no single great circle, or none needed)
+    it is lerp."""
+    an, bn = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    omega = 2 * torch.atan2((an - bn).norm(dim=-1), (an + bn).norm(dim=-1))[None, :, None]  # [1, B, 1]
     t = t.reshape(-1, 1, 1)
     so = torch.sin(omega)
-    out = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / so
-    return torch.where(so.abs() < 1e-4, lerp(a, b, t.flatten()), out)
+    flat = so < 1e-6
+    out = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.where(flat, torch.ones_like(so), so)
+    return torch.where(flat, lerp(a, b, t.flatten()), out)
 
 
 @torch.no_grad()
@@ -214,7 +220,7 @@ def manifold_grid(model, event_shape: Sequence[int] = (2,), n: int = 15, quantil
     if math.prod(event_shape) != 2:
         raise ConfigError(f"the manifold grid needs a 2-d latent; this model's level 1 has {math.prod(event_shape)} "
                           "dimensions (use the PCA view instead)")
-    v = manifold_values(n, quantile).to(model_device(model))
+    v = manifold_values(n, quantile).to(model_device(model), next(model.parameters()).dtype)
     z2, z1 = torch.meshgrid(v.flip(0), v, indexing="ij")  # rows: z_2 high to low; columns: z_1 low to high
     z = torch.stack([z1, z2], -1).reshape(n, n, *event_shape)  # [n, n, *event]
     return decode_means(model, z)

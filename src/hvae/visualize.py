@@ -26,7 +26,7 @@ def grid(images: Tensor, nrow: int, pad: int = 2) -> np.ndarray:
     for i in range(n):
         r, col = divmod(i, nrow)
         canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
-    return (canvas * 255).round().astype(np.uint8)
+    return (np.clip(np.nan_to_num(canvas), 0.0, 1.0) * 255).round().astype(np.uint8)  # out of [0, 1]: clipped
 
 
 def grid_image(images: Tensor, nrow: int = 8, scale: int = 2) -> Image.Image:

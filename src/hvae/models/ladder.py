@@ -152,8 +152,9 @@ class LadderVAE(nn.Module):
         for t in range(T, 0, -1):
             if t == T:
                 q = self.top(ds[-1]) if keep > 0 else None
-                p = DiagonalGaussian.standard(q.mean if q is not None else
-                                              torch.empty(n, self.latent_dims[-1], device=self.top.linear.weight.device))
+                weight = self.top.linear.weight  # z_T on the model's device, in its dtype
+                p = DiagonalGaussian.standard(q.mean if q is not None else torch.empty(
+                    n, self.latent_dims[-1], device=weight.device, dtype=weight.dtype))
             else:
                 h = self.down[t - 1](z if h is None else torch.cat([z, h], -1))  # h_t: [*lead, w_t]
                 p = self.prior[t - 1](h)

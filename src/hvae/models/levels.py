@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Sequence
 
 
 def per_level(temperature: float | Sequence[float], n_levels: int) -> list[float]:
     """One temperature for every level (a number or a one-item sequence), or one per level (level 1, nearest
     x, first) -> list of T floats."""
-    temps = [float(temperature)] if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    single = isinstance(temperature, Real) or getattr(temperature, "ndim", None) == 0  # numpy/torch scalars too
+    temps = [float(temperature)] if single else [float(t) for t in temperature]
     if len(temps) == 1:
         temps = temps * n_levels
     if len(temps) != n_levels:
         raise ValueError(f"got {len(temps)} temperatures for {n_levels} levels; give one, or one per level "
                          "(level 1, nearest x, first)")
-    if any(t < 0 for t in temps):
-        raise ValueError(f"temperatures must be >= 0; got {temps}")
+    if any(not math.isfinite(t) or t < 0 for t in temps):
+        raise ValueError(f"temperatures must be finite and >= 0; got {temps}")
     return temps
 
 

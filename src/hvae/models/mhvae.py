@@ -104,8 +104,8 @@ class MHVAE(nn.Module):
         """z_T ~ N(0, t_T^2 I), then down the chain (eq. 6) with per-level temperatures; the mean of
         p(x|z_1): [n, *data]. `temperature`: one float, or T floats (level 1 first)."""
         temps = per_level(temperature, self.n_levels)
-        device = self.head.linear.weight.device
-        z_top = DiagonalGaussian.standard(torch.empty(n, self.latent_dims[-1], device=device))
+        weight = self.head.linear.weight  # z_T on the model's device, in its dtype
+        z_top = DiagonalGaussian.standard(torch.empty(n, self.latent_dims[-1], device=weight.device, dtype=weight.dtype))
         z = z_top.rsample(temperature=temps[-1])
         return self.decode(self.descend(z, self.n_levels, temps)).mean
 

@@ -32,7 +32,7 @@ class VAE(nn.Module):
         if arch == "mlp":
             self.encoder = nn.Sequential(nn.Flatten(), mlp([n_data, *hidden], activation, final_act=True))
             self.decoder = mlp([latent_dim, *reversed(hidden), k * n_data], activation)
-            feat = hidden[-1]
+            feat = hidden[-1] if hidden else n_data
         elif arch == "conv":
             c, h, w = self.data_shape
             down = 2 ** len(conv_channels)
