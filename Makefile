@@ -45,7 +45,7 @@ demo: setup data
 test: setup data browser
 	$(BIN)/python -m pytest -q
 
-test-all: setup data
+test-all: setup data browser
 	$(BIN)/python -m pytest -q -m ""
 
 # The benchmarks of BENCHMARKS.md (long: about 20 minutes on 2 cores).

@@ -268,8 +268,8 @@ def validate(cfg: Config) -> None:
                        ("train.iw_k", t.iw_k), ("model.latent_dim", cfg.model.latent_dim)):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1; got {value}")
-    if t.devices < 1:
-        raise ConfigError(f"train.devices must be >= 1; got {t.devices}")
+    if t.devices < 1 or t.num_nodes < 1:
+        raise ConfigError(f"train.devices and train.num_nodes must be >= 1; got {t.devices} and {t.num_nodes}")
     for key, value, least in (("train.log_every", t.log_every, 1), ("train.max_nonfinite", t.max_nonfinite, 1),
                               ("train.max_skips", t.max_skips, 0), ("train.checkpoint_every", t.checkpoint_every, 0)):
         if value < least:
@@ -335,8 +335,10 @@ def cmd_train(args) -> int:
                             f"(the training set has {len(data.train_x)} images)")
         if n_train < cfg.train.batch_size:
             raise ConfigError(f"batch size {cfg.train.batch_size} exceeds the {n_train} training images; lower --batch-size")
-        if cfg.train.batch_size % cfg.train.devices:
-            raise ConfigError(f"batch size {cfg.train.batch_size} must be divisible by --devices {cfg.train.devices}")
+        world = cfg.train.devices * cfg.train.num_nodes
+        if cfg.train.batch_size % world:
+            raise ConfigError(f"batch size {cfg.train.batch_size} must be divisible by the {world} processes "
+                              "(train.devices x train.num_nodes)")
         if args.resume:
             ckpt.checkpoint_dir(args.resume)
         else:

@@ -67,7 +67,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0: each epoch end only)
     log_every: int = 50  # steps between metric lines
     accelerator: str = "auto"
-    devices: int = 1
+    devices: int = 1  # processes (devices) per machine
+    num_nodes: int = 1  # machines, for multi-node DDP (each launched with torchrun or Fabric's environment)
     strategy: str = "auto"
     precision: str = "32-true"
     tensorboard: bool = False

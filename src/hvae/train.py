@@ -201,7 +201,8 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     t = cfg.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
-    fabric = Fabric(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision)
+    fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                    precision=t.precision)
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
     if t.batch_size % world:
