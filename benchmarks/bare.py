@@ -42,7 +42,7 @@ def bare_epoch(model, opt, train_u8, batch: int = 128, gen=None, steps: int | No
                binarize=bernoulli_binarize) -> int:
     """One epoch (or `steps` steps) of the textbook loop; returns the number of examples seen."""
     n = len(train_u8)
-    perm = torch.randperm(n, generator=gen)
+    perm = torch.randperm(n, generator=gen).to(train_u8.device)  # once per epoch: no host-device copy per step
     steps = n // batch if steps is None else steps
     for i in range(steps):
         x = binarize(train_u8[perm[i * batch:(i + 1) * batch]])

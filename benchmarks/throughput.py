@@ -72,9 +72,10 @@ def matmul_seconds(shapes, repeats: int = 7, clock=time.perf_counter, device: to
 
 def paired_ratios(rates: list[float], reference: list[float]) -> dict:
     """Per-repeat ratios to the reference timed in the same repeat: their median and quartiles (the spread a
-    single run's ratio has on this machine; the table's ratio is of the medians)."""
+    single run's ratio has on this machine; the table's ratio is of the medians). With fewer than three repeats the
+    "quartiles" are the lowest and highest ratio (statistics.quantiles would extrapolate beyond them)."""
     ratios = [a / b for a, b in zip(rates, reference)]
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 2 else [min(ratios), None, max(ratios)]
     return {"paired_ratio_median": statistics.median(ratios), "paired_ratio_quartiles": [q[0], q[2]]}
 
 
