@@ -16,8 +16,11 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = prepare ]; then
     mkdir -p .devdata/fashion-mnist .whl
     cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .devdata/fashion-mnist/
-    python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "lightning-fabric==$(.venv/bin/python -c \
-        'import lightning_fabric; print(lightning_fabric.__version__)')"
+    # lightning-fabric and lightning-utilities (pure Python; what a PyTorch image most often lacks). hvae's other
+    # needs (numpy, safetensors, pyyaml, tqdm, Pillow) are compiled per Python version: `run` checks for them.
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .whl \
+        "lightning-fabric==$(.venv/bin/python -c 'import lightning_fabric; print(lightning_fabric.__version__)')" \
+        "lightning-utilities==$(.venv/bin/python -c 'import lightning_utilities; print(lightning_utilities.__version__)')"
     du -sh .devdata .whl
     exit 0
 fi
@@ -29,10 +32,15 @@ RUNS=/tmp/hvae-device-runs
 rm -rf "$RUNS"  # a rerun on the same machine starts clean (hvae train refuses a non-empty --out)
 mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1 HVAE_DATA="$PWD/.devdata" PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-if ! python3 -c 'import lightning_fabric' 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+missing=""  # of the carried wheels, install only what this python lacks
+python3 -c 'import lightning_utilities' 2>/dev/null || missing="$missing $(ls .whl/lightning_utilities-*.whl)"
+python3 -c 'import lightning_fabric' 2>/dev/null || missing="$missing $(ls .whl/lightning_fabric-*.whl)"
+if [ -n "$missing" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $missing
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+python3 -c 'import numpy, safetensors, yaml, tqdm, PIL, lightning_fabric' || {
+    echo "this python3 lacks a package hvae needs (above); carry its wheel in .whl/ (see prepare)" >&2; exit 2; }
 hvae() { python3 -m hvae "$@"; }
 # Each check runs even when an earlier one failed (GPU time is scarce); the script fails at the end if any did.
 check() { echo "+ $*" >&2; "$@" || { echo "FAILED: $*" >&2; echo x >> "$RUNS/failed"; }; }

@@ -84,7 +84,11 @@ def test_missing_dataset(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HVAE_DATA", str(tmp_path / "env"))
     msg = expect_bad_input(capsys, ["train", "--data-dir", tmp_path / "empty", "--out", tmp_path / "out", *TINY],
                            tmp_path / "out", "fashion-mnist not found")
-    assert "apt install dataset-fashion-mnist" in msg and str(tmp_path / "env") in msg
+    # a given --data-dir is the only place looked in: no other copy is used unannounced
+    assert "apt install dataset-fashion-mnist" in msg and str(tmp_path / "env") not in msg
+    msg = expect_bad_input(capsys, ["train", "--out", tmp_path / "out", *TINY], tmp_path / "out",
+                           "fashion-mnist not found")
+    assert str(tmp_path / "env") in msg
 
 
 @pytest.mark.parametrize("kind, fragment", [("corrupt", "bad magic"), ("truncated-gz", "corrupt or truncated"),

@@ -166,3 +166,21 @@ def test_apply_returns_a_copy_and_shares_no_lists():
     assert base.train.lr == Config().train.lr and cfg.train.lr == 0.5
     cfg.model.hidden.append(7)
     assert base.model.hidden == Config().model.hidden
+
+
+def test_a_key_given_twice_in_a_yaml_preset_is_an_error_not_a_silent_drop(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  lr: 3.0e-4\n  epochs: 5\ntrain:\n  epochs: 7\n")
+    with pytest.raises(ConfigError, match="'train' is given twice"):
+        load_yaml(preset)
+    preset.write_text("model:\n  hidden: [64]\n  hidden: [128]\n")
+    with pytest.raises(ConfigError, match="'hidden' is given twice"):
+        load_yaml(preset)
+
+
+@pytest.mark.parametrize("item", ["train.epochs=010", "train.lr=1:30"])
+def test_yaml_1_1_octal_and_base_60_numbers_are_not_read_as_numbers(item):
+    """YAML 1.1 reads 010 as 8 and 1:30 as 90; here they stay text, which the typed config refuses."""
+    with pytest.raises(ConfigError, match="must be"):
+        apply(Config(), parse_set([item]))
+    assert parse_set(["train.epochs=10", "x=0x1F", "y=-5"]) == {"train.epochs": 10, "x": 31, "y": -5}

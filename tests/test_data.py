@@ -107,10 +107,10 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch, name, how):
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("HVAE_DATA", str(tmp_path / "empty"))
     with pytest.raises(DataError) as err:
-        load_dataset(name, tmp_path / "empty")
+        load_dataset(name)
     msg = str(err.value)
     assert f"{name} not found" in msg and how in msg and "--data-dir" in msg
-    assert str(data.SYSTEM_DIR / name) in msg  # says where it looked
+    assert str(data.SYSTEM_DIR / name) in msg and str(tmp_path / "empty") in msg  # says where it looked
 
 
 def test_partial_folder_is_an_error_not_a_silent_fallback(tmp_path, monkeypatch):
@@ -386,3 +386,30 @@ def test_dynamic_binarization_is_bernoulli_of_pixel_over_255():
     se = (p * (1 - p) / 4000).sqrt().clamp_min(1e-12)
     assert freq[0] == 0 and freq[255] == 1
     assert ((freq - p).abs() <= 5 * se).all()
+
+
+def test_train_and_test_images_of_different_sizes_are_refused(tmp_path):
+    folder = make_idx_folder(tmp_path / "fashion-mnist")
+    x, _ = tiny_images(10, 1, size=14)
+    write_idx(folder / "t10k-images-idx3-ubyte", x)
+    with pytest.raises(DataError, match="same size"):
+        load_dataset("fashion-mnist", tmp_path)
+
+
+def test_idx_labels_of_a_wider_big_endian_integer_type_load(tmp_path):
+    """IDX allows int32 labels (type 0x0C, big-endian): they load as the same labels as uint8 ones."""
+    folder = make_idx_folder(tmp_path / "fashion-mnist")
+    _, y = tiny_images(20, 0)
+    header = bytes([0, 0, 0x0C, 1]) + len(y).to_bytes(4, "big")
+    (folder / "train-labels-idx1-ubyte.gz").unlink()
+    (folder / "train-labels-idx1-ubyte").write_bytes(header + y.astype(">i4").tobytes())
+    loaded = load_dataset("fashion-mnist", tmp_path)
+    assert loaded.train_y.tolist() == y.tolist() and loaded.train_y.dtype == torch.int64
+
+
+def test_uint8_images_holding_only_0_and_1_get_a_note(tmp_path, capsys):
+    """A common 'binarized MNIST' layout: uint8 0/1 would be read as nearly black 0..255 images; say so."""
+    x = (np.arange(20 * 8 * 8).reshape(20, 8, 8) % 2).astype(np.uint8)
+    np.savez(tmp_path / "binary.npz", x_train=x, x_test=x[:4])
+    load_dataset(str(tmp_path / "binary.npz"))
+    assert "hold only 0 and 1" in capsys.readouterr().err

@@ -436,3 +436,26 @@ def test_rng_state_from_another_kind_of_device_starts_fresh_streams_with_a_note(
     foreign = {**state, "data": torch.zeros(16, dtype=torch.uint8), "data_device": "cuda", "cuda": torch.zeros(16)}
     set_rng_state(foreign, gen, torch.device("cpu"))
     assert "trained on cuda, resumed on cpu" in capsys.readouterr().err
+
+
+def test_provenance_names_a_git_commit_only_for_hvaes_own_source_tree(tmp_path, monkeypatch):
+    """An installed copy inside another project's git work tree (its .venv) must not report that project's commit."""
+    import shutil as sh
+
+    from hvae import rundir
+
+    if sh.which("git") is None:
+        pytest.skip("git is not installed")
+    project = tmp_path / "project"
+    package = project / ".venv" / "lib" / "site-packages" / "hvae"
+    package.mkdir(parents=True)
+    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    monkeypatch.setattr(rundir, "__file__", str(package / "rundir.py"))
+    assert rundir.source_commit() is None
+    source = project / "src" / "hvae"
+    source.mkdir(parents=True)
+    monkeypatch.setattr(rundir, "__file__", str(source / "rundir.py"))
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert rundir.source_commit() == head

@@ -175,11 +175,35 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return flatten({k: v for k, v in tree.items() if not (v is None and k in _fields(Config))})
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error (YAML would keep the last one,
+    silently dropping the rest), and integers are YAML 1.2's: 010 is not octal 8, 1:30 is not base-60 90 (such
+    text stays a string, which the config then refuses)."""
+
+
+def _mapping_without_repeats(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_INT = "tag:yaml.org,2002:int"
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+_StrictLoader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _INT]
+                                         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$|^0x[0-9a-fA-F_]+$"),
+                                    list("-+0123456789"))
+
+
 def _yaml_value(text: str, what: str, fix: str) -> Any:
-    """yaml.safe_load, with every failure as a one-line ConfigError (constructors raise ValueError too,
-    e.g. for a date such as 2020-13-45)."""
+    """YAML (the strict loader above), with every failure as a one-line ConfigError (constructors raise
+    ValueError too, e.g. for a date such as 2020-13-45)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{what} ({first}); {fix}") from None

@@ -12,6 +12,7 @@ import difflib
 import gzip
 import math
 import os
+import sys
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -86,14 +87,15 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 
 def _candidate_dirs(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
-    if data_dir and not Path(data_dir).is_dir():  # else the search would go on to another copy, unannounced
-        raise DataError(f"data folder {data_dir} (--data-dir, or the run's data.data_dir): no such folder; pass "
-                        f"--data-dir DIR holding {name}/ or its four IDX files")
-    dirs = []
-    for base in (data_dir, os.environ.get("HVAE_DATA")):
-        if base:
-            dirs += [Path(base) / name, Path(base)]
-    return dirs + [SYSTEM_DIR / name]
+    """Where to look: a given data folder alone (never another copy, unannounced), else $HVAE_DATA, then the
+    system folder."""
+    if data_dir:
+        if not Path(data_dir).is_dir():
+            raise DataError(f"data folder {data_dir} (--data-dir, or the run's data.data_dir): no such folder; pass "
+                            f"--data-dir DIR holding {name}/ or its four IDX files")
+        return [Path(data_dir) / name, Path(data_dir)]
+    env = os.environ.get("HVAE_DATA")
+    return ([Path(env) / name, Path(env)] if env else []) + [SYSTEM_DIR / name]
 
 
 def load_idx_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
@@ -113,7 +115,11 @@ def load_idx_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Da
             arrays = [read_idx(p) for p in paths]
             for i in (0, 2):  # (train images, train labels), (test images, test labels)
                 _check_idx_pair(arrays[i], arrays[i + 1], paths[i], paths[i + 1])
-            train_x, train_y, test_x, test_y = (torch.from_numpy(a.copy()) for a in arrays)
+            if arrays[0].shape[1:] != arrays[2].shape[1:]:
+                raise DataError(f"{paths[0]} holds {arrays[0].shape[1]}x{arrays[0].shape[2]} images but {paths[2]} "
+                                f"{arrays[2].shape[1]}x{arrays[2].shape[2]}; train and test images must be the same size")
+            arrays[1], arrays[3] = arrays[1].astype(np.int64), arrays[3].astype(np.int64)  # any IDX integer type
+            train_x, train_y, test_x, test_y = (torch.from_numpy(np.array(a)) for a in arrays)  # writable copies
             return Dataset(name, train_x[:, None], train_y.long(), test_x[:, None], test_y.long(), tuple(paths))
     where = ", ".join(str(d) for d in tried)
     raise DataError(f"{name} not found (looked in {where}); {KNOWN.get(name, '')}, or pass --data-dir DIR "
@@ -143,6 +149,9 @@ def as_images(a: np.ndarray, what: str) -> Tensor:
         raise DataError(f"{what}: {a.shape[1]} channels in {a.shape}; store images channels first [N, C, H, W] "
                         "(e.g. numpy.moveaxis(x, -1, 1))")
     if a.dtype == np.uint8:
+        if int(a.max()) == 1:  # 0/1 images stored as uint8
+            print(f"note: {what}: uint8 images hold only 0 and 1, read as 0..255 (nearly black); for 0/1 images "
+                  "store them as float, or multiply by 255", file=sys.stderr)
         return torch.from_numpy(np.ascontiguousarray(a))
     if a.dtype.kind == "f":
         if not np.isfinite(a).all():

@@ -34,11 +34,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     records = []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
             if i == len(lines) - 1:
                 break
-            raise DataError(f"{path}: line {i + 1} is not JSON; the file is damaged") from None
+            raise DataError(f"{path}: line {i + 1} is not a JSON object; the file is damaged") from None
+        records.append(record)
     return records
 
 

@@ -104,16 +104,18 @@ def _plot(fn: Callable[..., Any], *args, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def _table(items: dict[str, Any], header: tuple[str, str] = ("key", "value")) -> str:
-    cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in items.items())
+def _table(items: dict[str, Any], header: tuple[str, str] = ("key", "value"), exact: bool = False) -> str:
+    """exact: values as given (a config); else floats to 4 decimals (metrics)."""
+    cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v, exact))}</td></tr>"
+                    for k, v in items.items())
     return f"<table><tr><th>{header[0]}</th><th>{header[1]}</th></tr>{cells}</table>"
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, exact: bool = False) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return repr(value) if exact else f"{value:.4f}"
     if isinstance(value, list):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+        return "[" + ", ".join(_fmt(v, exact) for v in value) + "]"
     return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
 
 
@@ -124,12 +126,12 @@ def _note(text: str) -> str:
 # -- sections --------------------------------------------------------------------------------------------
 
 def _config_section(cfg, run_dir: Path) -> str:
-    parts = [f"<h3>{name}</h3>" + _table(values) for name, values in to_dict(cfg).items()]
+    parts = [f"<h3>{name}</h3>" + _table(values, exact=True) for name, values in to_dict(cfg).items()]
     prov = run_dir / "provenance.json"
     if prov.is_file():
         info = ckpt.read_json(prov)
         keep = ("hvae", "torch", "git_commit", "cpu", "gpu", "command")
-        parts.append("<h3>provenance</h3>" + _table({k: info.get(k) for k in keep if k in info}))
+        parts.append("<h3>provenance</h3>" + _table({k: info.get(k) for k in keep if k in info}, exact=True))
     return _section("config", *parts)
 
 

@@ -66,6 +66,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def source_commit() -> str | None:
+    """The git commit of hvae's own source tree, or None: an installed copy inside another project's work tree
+    (e.g. its .venv) would otherwise report that project's commit."""
+    here = Path(__file__).resolve().parent
+    try:
+        top, commit = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True,
+                                     timeout=5, cwd=here).stdout.split()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return commit if Path(top).resolve() / "src" / "hvae" == here else None
+
+
 def write_provenance(out: Path, data_files: Iterable[Path], argv: list[str] | None, resume: bool = False) -> None:
     """DIR/provenance.json: versions, git commit, data hashes, CPU/GPU, command line, start time. A resume keeps
     the run's original record and appends its own to the list under "resumes"."""
@@ -78,11 +90,7 @@ def write_provenance(out: Path, data_files: Iterable[Path], argv: list[str] | No
         fabric_version = lightning_fabric.__version__
     except ImportError:  # pragma: no cover - a declared dependency
         fabric_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = source_commit()
     info: dict[str, Any] = {
         "hvae": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
         "lightning_fabric": fabric_version, "git_commit": commit, "cpu": cpu_name(),
