@@ -43,3 +43,15 @@ def test_ddp_two_processes_track_one_process(tmp_path):
     assert abs(final[2] - final[0]) < abs(final[1] - final[0]) + 2.0
     assert statistics.fmean(losses(ddp)[-8:]) < statistics.fmean(losses(ddp)[:8]) - 50  # and it learns
     assert json.loads((tmp_path / "d0" / "config.json").read_text())["train"]["devices"] == 2
+    # the ranks hold the same weights at every epoch end, bit for bit (their gradients are averaged)
+    gaps = [r["rank_weight_gap"] for r in ddp if "train_elbo" in r]
+    assert len(gaps) == 4 and gaps == [0.0] * 4
+
+
+def test_the_ranks_shares_of_a_global_batch_partition_it():
+    from hvae.train import rank_slice
+
+    for world in (1, 2, 4):
+        for i in (0, 3):
+            shares = [range(1000)[rank_slice(i, 64, rank, world)] for rank in range(world)]
+            assert sorted(j for share in shares for j in share) == list(range(i * 64, (i + 1) * 64))

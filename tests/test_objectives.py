@@ -324,3 +324,37 @@ def test_training_objective_importance_weighted_is_the_iw_bound(loose):
     torch.manual_seed(2)
     torch.testing.assert_close(surrogate, iw_bound(log_importance_weights(loose, x, 5)))
     torch.testing.assert_close(terms.elbo, terms.reconstruction - terms.kl)
+
+
+class _Evaluable(LinearGaussian):
+    def eval(self):  # evaluate() puts a torch module in eval mode; this model has no such mode
+        return self
+
+
+def test_evaluate_reports_the_exact_log_likelihood_of_a_model_with_an_exact_posterior(exact):
+    """With q = p(z|x) every importance weight is p(x): `hvae eval`'s iw_nll must be -mean log p(x) to rounding
+    (any sign, mean-for-sum or log k slip shows), bits/dim that over D ln 2, and the ELBO within MC error of it."""
+    from hvae.evaluate import evaluate
+
+    model = _Evaluable(exact.W, exact.b, exact.s, exact.A, exact.c, exact.log_v)
+    torch.manual_seed(123)  # not evaluate's seed: its noise must not replay the latents that drew the data
+    x = model.draw_data(250)  # three batches of 100, the last one partial
+    result = evaluate(model, x, k=37, progress=False)
+    nll = -model.log_marginal(x).mean().item()
+    assert result["iw_nll"] == pytest.approx(nll, abs=1e-9)
+    assert result["bits_per_dim"] == pytest.approx(nll / (5 * math.log(2)), abs=1e-12)
+    assert result["elbo"] == pytest.approx(-nll, abs=0.3)  # KL to the exact posterior is 0
+    assert result["n_images"] == 250 and result["k"] == 37
+
+
+def test_evaluate_iw_nll_lies_between_log_likelihood_and_elbo_for_a_loose_posterior(loose):
+    from hvae.evaluate import evaluate
+
+    model = _Evaluable(loose.W, loose.b, loose.s, loose.A, loose.c, loose.log_v)
+    torch.manual_seed(123)  # not evaluate's seed (see above)
+    x = model.draw_data(200)
+    result = evaluate(model, x, k=500, progress=False)
+    nll, exact_neg_elbo = -model.log_marginal(x).mean().item(), -model.exact_elbo(x).mean().item()
+    assert exact_neg_elbo - nll > 0.05  # the bound is loose enough for the check to mean something
+    assert nll - 0.01 < result["iw_nll"] < nll + 0.5 * (exact_neg_elbo - nll)  # k = 500 closes most of the gap
+    assert result["elbo"] == pytest.approx(-exact_neg_elbo, abs=0.3)

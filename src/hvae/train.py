@@ -193,6 +193,13 @@ def defer_guard(t, optimizer: torch.optim.Optimizer, device: torch.device, scale
     return (device.type != "cpu" and fused and scaler is None and t.skip_threshold <= 0 and t.grad_clip <= 0)
 
 
+def rank_slice(i: int, batch_size: int, rank: int, world: int) -> slice:
+    """The positions in the epoch order of rank `rank`'s share of global batch i (the ranks' shares partition it)."""
+    local = batch_size // world
+    lo = i * batch_size + rank * local
+    return slice(lo, lo + local)
+
+
 def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = None, progress: bool = True,
           data: Dataset | None = None) -> Path:
     """Train per `cfg` into run directory `out` (validated by the caller; created if missing). Returns `out`.
@@ -207,7 +214,6 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
     rank, world = fabric.global_rank, fabric.world_size
     if t.batch_size % world:
         raise ConfigError(f"batch size {t.batch_size} must be divisible by the {world} devices")
-    local_batch = t.batch_size // world
 
     # 1. Data and model. Every rank starts from rank 0's seed; DDP also broadcasts rank 0's weights.
     data = data or load_dataset(cfg.data.dataset, cfg.data.data_dir)
@@ -289,8 +295,8 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
                 sums = torch.tensor(state["epoch_sums"], device=fabric.device)
                 epoch_start -= state["epoch_seconds"]
             for i in bar:
-                lo = i * t.batch_size + rank * local_batch
-                x = fabric.to_device(to_model_input(train_x[order[lo:lo + local_batch]], cfg.model.likelihood, data_gen))
+                x = fabric.to_device(to_model_input(train_x[order[rank_slice(i, t.batch_size, rank, world)]],
+                                                    cfg.model.likelihood, data_gen))
                 beta = kl_weight(cfg, step, steps_per_epoch)
                 obj, terms = objective(x, torch.tensor(beta))
                 loss = -obj.mean()
@@ -335,11 +341,16 @@ def train(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None =
             bar.close()
             guard.settle(step)
             sums = fabric.all_reduce(sums, reduce_op="mean")
+            # Every rank must hold the same weights (DDP averages the gradients): their checksums, gathered.
+            checksums = fabric.all_gather(torch.stack([p.detach().double().sum() for p in params]).sum()) \
+                if world > 1 else None
             if rank == 0:
                 n = max(1.0, sums[3].item())
                 record = {"step": step, "epoch": epoch + 1, "epoch_seconds": time.perf_counter() - epoch_start,
                           "train_elbo": (sums[0] / n).item(), "train_reconstruction": (sums[1] / n).item(),
                           "train_kl": (sums[2] / n).item(), **counters}
+                if checksums is not None:
+                    record["rank_weight_gap"] = (checksums.max() - checksums.min()).item()  # 0 when in step
                 if len(val_x):
                     record["val_elbo"] = validation_elbo(ema_model(model, ema), val_x, cfg, fabric.device)
                 log.write(record)
