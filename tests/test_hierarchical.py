@@ -425,3 +425,41 @@ def test_a_level_with_a_negative_sampled_rate_that_carries_information_is_not_ca
     result = evaluate(model, torch.bernoulli(torch.full((200, 1, 4, 4), 0.5)), k=2, progress=False)
     assert result["kl_per_level"][0] < -1 and result["active_units_per_level"][0] > 0
     assert result["collapsed_levels"] == []
+
+
+@pytest.mark.parametrize("make", [lambda: MHVAE(SHAPE, (5, 4, 3), **SMALL), lambda: LadderVAE(SHAPE, (5, 4, 3), **SMALL)])
+def test_per_level_temperatures_reach_their_own_level(make, monkeypatch):
+    """Temperatures are listed level 1 (nearest x) first: with D = (5, 4, 3), the draw of the 3-wide top level
+    must use the last temperature and the 5-wide level 1 the first (a reversed order passed the other tests)."""
+    from hvae import distributions
+
+    seen: dict[int, float] = {}
+    real = distributions.DiagonalGaussian.rsample
+
+    def spy(self, n_samples=None, temperature=1.0):
+        seen[self.mean.shape[-1]] = temperature
+        return real(self, n_samples, temperature)
+
+    monkeypatch.setattr(distributions.DiagonalGaussian, "rsample", spy)
+    model = make().eval()
+    model.sample(2, [0.25, 0.5, 0.75])
+    assert seen == {5: 0.25, 4: 0.5, 3: 0.75}
+
+
+def test_hvae_eval_prints_the_collapse_warning(idx_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from hvae.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(idx_dir.parent), "--model", "mhvae", "--levels", "2", "--epochs", "1",
+                 "--set", "model.hidden=[32]", "--set", "model.level_hidden=[8]", "--set", "model.latent_dim=3",
+                 "--set", "train.threads=1", "--batch-size", "32", "--no-progress", "--out", str(run)]) == 0
+    weights_file = run / "checkpoints" / "last" / "model.safetensors"
+    weights = load_file(weights_file)
+    save_file({k: torch.zeros_like(v) if k.startswith("up.0.") else v for k, v in weights.items()}, weights_file)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--k", "4", "--limit", "16", "--json", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert 2 in json.loads(out)["collapsed_levels"]  # q(z_2 | z_1) = N(0, I): level 2 carries nothing
+    assert "hvae eval: warning: level 2 has collapsed" in err and "free bits" in err

@@ -117,14 +117,13 @@ def _real(model, x, spec):
 def test_update_skipping_is_capped_so_training_never_stalls(idx_dir, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_cfg(idx_dir, **{"train.epochs": 1, "train.skip_threshold": 1e-9, "train.max_skips": 3})
-    before = None
     train(cfg, run, progress=False)
     state = ckpt.load_state(ckpt.checkpoint_dir(run))
     steps = 256 // 32
     # every norm exceeds the threshold: 3 skips, then one clipped update, repeated
     assert state["counters"]["skipped"] == 3 * (steps // 4) + min(3, steps % 4)
     assert state["counters"]["clipped_after_skips"] == steps // 4
-    assert before is None and state["step"] == steps
+    assert state["step"] == steps
 
 
 @pytest.mark.parametrize("want_norm", [True, False])
@@ -459,3 +458,28 @@ def test_provenance_names_a_git_commit_only_for_hvaes_own_source_tree(tmp_path, 
     monkeypatch.setattr(rundir, "__file__", str(source / "rundir.py"))
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert rundir.source_commit() == head
+
+
+def test_kl_warm_up_ramps_beta_linearly_then_holds_it():
+    from hvae.train import kl_weight
+
+    cfg = apply(Config(), {"train.warmup_epochs": 2, "train.beta": 0.5})
+    assert [kl_weight(cfg, step, 10) for step in (0, 5, 10, 15, 20, 35)] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]
+    assert kl_weight(apply(Config(), {"train.beta": 0.7}), 0, 10) == 0.7  # no warm-up: beta from the start
+
+
+def test_ema_moves_the_average_by_one_minus_decay_and_a_skipped_update_leaves_it():
+    from hvae.train import EMA
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow["weight"], torch.full((1, 2), 1.2))  # 0.9 * 1 + 0.1 * 3
+    ema.update(model, applied=torch.tensor(False))  # the device-side guard's skipped step
+    torch.testing.assert_close(ema.shadow["weight"], torch.full((1, 2), 1.2))
+    ema.update(model, applied=torch.tensor(True))
+    torch.testing.assert_close(ema.shadow["weight"], torch.full((1, 2), 1.38))  # 0.9 * 1.2 + 0.1 * 3
