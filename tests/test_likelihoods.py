@@ -112,6 +112,16 @@ def test_discretized_logistic_bin_masses_are_exact_from_centre_to_far_tails(dtyp
         torch.testing.assert_close(log_p[seen], reference[seen], rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("log_scale, pixel", [(-7.0, 130), (-7.0, 200), (-3.0, 40), (0.0, 128), (7.0, 90),
+                                              (-2.0, 0), (-2.0, 255)])
+def test_discretized_logistic_gradients_match_finite_differences(log_scale, pixel):
+    """Each branch (exact log-space mass near and far from loc, density x width, the two edge bins) in float64."""
+    x = torch.tensor([pixel / 127.5 - 1], dtype=torch.float64)
+    loc = torch.tensor([0.03], dtype=torch.float64, requires_grad=True)
+    ls = torch.tensor([log_scale], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda m, s: DiscretizedLogistic(m, s, 1).log_prob(x), (loc, ls))
+
+
 def test_discretized_logistic_gradients_are_finite_in_every_branch():
     loc = torch.tensor([-0.03, 0.0, 0.5, 0.2, -0.4], dtype=torch.float32, requires_grad=True)
     log_scale = torch.tensor([-7.0, -7.0, 0.0, 7.0, -3.0], requires_grad=True)
