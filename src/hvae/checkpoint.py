@@ -29,12 +29,13 @@ def _umask() -> int:
     return mask
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: temp file in the same folder, fsync, rename (a failed write leaves no temp file)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically: temp file in the same folder, fsync, rename (a failed write leaves no temp
+    file, and the old file whole)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would (mkstemp makes it private)
@@ -42,6 +43,11 @@ def write_json(path: Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (write_text_atomic)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def read_json(path: Path) -> Any:

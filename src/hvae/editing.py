@@ -148,13 +148,12 @@ def kl_per_dimension(model, x: Tensor, batch_size: int = 500) -> list[Tensor]:
 def posterior_mean_variance(model, x: Tensor, batch_size: int = 500) -> list[Tensor]:
     """Cov_x(E_q[z_u]) of each unit, per level: [N, *data] -> list of [D_t] (float64; a unit is active above 0.01).
     The estimate is evaluate's (posterior_mean_moments), with the global RNG stream left as it was."""
-    from .evaluate import posterior_mean_moments, unit_variances
+    from .evaluate import add_moments, posterior_mean_moments, unit_variances
 
     moments = None
     with torch.random.fork_rng(devices=[model_device(model)] if model_device(model).type == "cuda" else []):
         for lo in range(0, len(x), batch_size):
-            batch = posterior_mean_moments(model, x[lo:lo + batch_size].to(model_device(model)))
-            moments = batch if moments is None else [(a1 + b1, a2 + b2) for (a1, a2), (b1, b2) in zip(moments, batch)]
+            moments = add_moments(moments, posterior_mean_moments(model, x[lo:lo + batch_size].to(model_device(model))))
     return [v.cpu() for v in unit_variances(moments, len(x))]
 
 

@@ -66,6 +66,11 @@ def posterior_mean_moments(model: nn.Module, x: Tensor, n_samples: int = AU_SAMP
     return moments
 
 
+def add_moments(total: list[tuple[Tensor, Tensor]] | None, batch: list[tuple[Tensor, Tensor]]):
+    """Running sum of posterior_mean_moments over batches (None: nothing summed yet)."""
+    return batch if total is None else [(a1 + b1, a2 + b2) for (a1, a2), (b1, b2) in zip(total, batch)]
+
+
 def unit_variances(moments: list[tuple[Tensor, Tensor]], n: int) -> list[Tensor]:
     """Cov_x(E_q[z_u]) of each unit, per level [D_t], from posterior_mean_moments summed over n images."""
     return [s2 / n - (s1 / n) ** 2 for s1, s2 in moments]
@@ -104,9 +109,7 @@ def evaluate(model: nn.Module, x: Tensor, k: int = 1000, batch_size: int = 100,
         analytic = [lvl.analytic_kl for lvl in trace.levels]
         # Why fork: the extra draws leave the IW samples' stream, and so every IW-NLL, as without them.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            batch_moments = posterior_mean_moments(model, xb)
-        moments = batch_moments if moments is None else [
-            (a1 + b1, a2 + b2) for (a1, a2), (b1, b2) in zip(moments, batch_moments)]
+            moments = add_moments(moments, posterior_mean_moments(model, xb))
         sums["iw"] += iw_bound(log_importance_weights(model, xb, k, chunk)).sum().item()
     active = [int((v > ACTIVE_THRESHOLD).sum()) for v in unit_variances(moments, n)]
     iw_nll = -sums["iw"] / n

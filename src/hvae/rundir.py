@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import RunDirError
-from .checkpoint import write_json
+from .checkpoint import write_json, write_text_atomic
 
 
 # What `hvae train` writes into a run directory besides config.json and provenance.json (rewritten at the start).
@@ -145,13 +143,7 @@ class MetricsLog:
                 kept.append(line)
         if damaged:
             print(f"note: {self.path}: dropped {damaged} damaged line(s) (cut short by a crash?)", file=sys.stderr)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, self.path.stat().st_mode & 0o777)
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
