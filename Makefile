@@ -50,7 +50,7 @@ test-all: setup data browser
 
 # The benchmarks of BENCHMARKS.md (long: about 20 minutes on 2 cores).
 bench: setup data
-	$(BIN)/python benchmarks/throughput.py --lean --variant train.precision=bf16-mixed --variant train.compile=true
+	$(BIN)/python benchmarks/throughput.py --lean --variant runtime.precision=bf16-mixed --variant runtime.compile=true
 	$(BIN)/python benchmarks/conv_output_layer.py
 	$(BIN)/python benchmarks/guard_sync.py
 	$(BIN)/python benchmarks/eval_memory.py --k 5000 --images 100 1000

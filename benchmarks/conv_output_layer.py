@@ -25,9 +25,10 @@ from hvae.data import load_dataset, test_input, to_model_input  # noqa: E402
 from hvae.evaluate import evaluate  # noqa: E402
 from hvae.models import build_model  # noqa: E402
 from hvae.nets import OneChannelConvTranspose2d  # noqa: E402
-from hvae.objectives import TrainingObjective  # noqa: E402
+from hvae.objectives import ElboObjective  # noqa: E402
 from hvae.rundir import cpu_name  # noqa: E402
-from hvae.train import Objective, make_optimizer  # noqa: E402
+from hvae.loop import Objective  # noqa: E402
+from hvae.optim import make_optimizer  # noqa: E402
 
 KINDS = {"nn.ConvTranspose2d": nn.ConvTranspose2d, "hvae OneChannelConvTranspose2d": OneChannelConvTranspose2d}
 
@@ -59,7 +60,7 @@ def model_timers(kind: type, data, batch: int, k: int, images: int) -> dict:
     for module in model.modules():
         if isinstance(module, nn.ConvTranspose2d) and module.out_channels == 1:
             module.__class__ = kind  # Why: the same parameters under the other forward
-    objective, optimizer = Objective(model, TrainingObjective()), make_optimizer(cfg, model.parameters())
+    objective, optimizer = Objective(model, ElboObjective()), make_optimizer(cfg.optim, model.parameters())
     gen = torch.Generator().manual_seed(0)
     x_test = test_input(data.test_x, "bernoulli")[:images]
 

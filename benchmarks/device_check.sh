@@ -66,7 +66,7 @@ check() { echo "+ $*" >&2; "$@" || { echo "FAILED: $*" >&2; echo x >> "$RUNS/fai
 
     echo "## 2. Throughput on the GPU"
     check python3 benchmarks/throughput.py --device $DEVICE --repeats 5 --steps 200 --eval-images 500 \
-        --variant train.precision=bf16-mixed --variant model.arch=conv --variant model.name=ladder \
+        --variant runtime.precision=bf16-mixed --variant model.arch=conv --variant model.name=ladder \
         --eval-chunk-mb 8 64 512 --json "$OUT/throughput-gpu.json"
     echo "## 3. The update guard with and without a host-device sync per step"
     check python3 benchmarks/guard_sync.py --device $DEVICE --repeats 3 --steps 200

@@ -1,6 +1,6 @@
 """The training step's update guard with and without a host-device sync per step, side by side.
 
-`hvae train` keeps the guard's verdict on the device where a sync costs (not on a CPU, see hvae.train.defer_guard).
+`hvae train` keeps the guard's verdict on the device where a sync costs (not on a CPU, see hvae.optim.defer_guard).
 This times `hvae train`'s loop both ways on one device, alternating, each as a 2-epoch minus a 1-epoch run, and
 reports how far the two runs' final weights are apart (0 on a CPU, where both are bit for bit the same).
 
@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import hvae.train as tr  # noqa: E402
+import hvae.optim as tr  # noqa: E402
+from hvae.loop import fit  # noqa: E402
 from clock import add_clock_option, start_clock  # noqa: E402
 from throughput import hvae_epoch_diff  # noqa: E402
 
@@ -32,7 +33,7 @@ from hvae.rundir import cpu_name  # noqa: E402
 
 def final_weights(cfg: Config, train_u8: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory() as tmp:
-        tr.train(apply(cfg, {"data.validation": len(train_u8) - steps * cfg.train.batch_size}), Path(tmp) / "run",
+        fit(apply(cfg, {"data.validation": len(train_u8) - steps * cfg.train.batch_size}), Path(tmp) / "run",
                  progress=False)
         return load_file(Path(tmp) / "run" / "checkpoints" / "last" / "model.safetensors")
 
@@ -50,7 +51,7 @@ def main() -> None:
     clock = start_clock(args)
     dev = torch.device(args.device)
     data = load_dataset("fashion-mnist", args.data_dir)
-    cfg = apply(Config(), {"train.epochs": 1, "train.threads": args.threads, "train.batch_size": args.batch, "train.accelerator": dev.type,
+    cfg = apply(Config(), {"train.epochs": 1, "runtime.threads": args.threads, "train.batch_size": args.batch, "runtime.accelerator": dev.type,
                            **({"data.data_dir": str(args.data_dir)} if args.data_dir else {})})
     real = tr.defer_guard
     ways = {"host-side guard (a sync per step)": lambda *a: False, "device-side guard (no sync)": lambda *a: True}
@@ -69,7 +70,7 @@ def main() -> None:
     a, b = weights.values()
     gap = max(float((a[k] - b[k]).abs().max()) for k in a)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
-    default = "device-side" if real(cfg.train, tr.make_optimizer(cfg, [torch.zeros(1, requires_grad=True)]), dev, None) \
+    default = "device-side" if real(cfg.optim, tr.make_optimizer(cfg.optim, [torch.zeros(1, requires_grad=True)]), dev, None) \
         else "host-side"
     print(f"{where}, torch {torch.__version__}, {args.steps} steps of batch {cfg.train.batch_size}; "
           f"hvae train's default here: the {default} guard")

@@ -2,8 +2,8 @@
 
 Everything runs in one process with the same thread count, alternating the contenders and taking medians,
 so the ratios hold on a shared, noisy machine. Usage:
-    python benchmarks/throughput.py [--repeats 5] [--threads 2] [--variant train.compile=true ...] [--json FILE]
-    python benchmarks/throughput.py --device cuda --variant train.precision=bf16-mixed   # the same table on a GPU
+    python benchmarks/throughput.py [--repeats 5] [--threads 2] [--variant runtime.compile=true ...] [--json FILE]
+    python benchmarks/throughput.py --device cuda --variant runtime.precision=bf16-mixed   # the same table on a GPU
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from hvae.data import load_dataset, test_input  # noqa: E402
 from hvae.evaluate import chunk_for, evaluate  # noqa: E402
 from hvae.models import build_model  # noqa: E402
 from hvae.rundir import cpu_name  # noqa: E402
-from hvae.train import train  # noqa: E402
+from hvae.loop import fit  # noqa: E402
 
 LAYERS_ENC = [(784, 512), (512, 256), (256, 64)]
 LAYERS_DEC = [(32, 256), (256, 512), (512, 784)]
@@ -82,7 +82,7 @@ def paired_ratios(rates: list[float], reference: list[float]) -> dict:
 def hvae_epoch(cfg: Config) -> float:
     """Examples/s of `hvae train`'s loop over one epoch (its own epoch_seconds, set-up excluded)."""
     with tempfile.TemporaryDirectory() as tmp:
-        train(cfg, Path(tmp) / "run", progress=False)
+        fit(cfg, Path(tmp) / "run", progress=False)
         rec = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     last = next(r for r in reversed(rec) if "epoch_seconds" in r)
     return last["step"] * cfg.train.batch_size / last["epoch_seconds"]
@@ -99,7 +99,7 @@ def hvae_epoch_diff(cfg: Config, train_u8: torch.Tensor, steps: int, clock=time.
         for epochs in (1, 2):
             sized = apply(cfg, {"data.dataset": str(npz), "data.validation": 0, "train.epochs": epochs})
             t0 = clock()
-            train(sized, Path(tmp) / f"run{epochs}", progress=False)
+            fit(sized, Path(tmp) / f"run{epochs}", progress=False)
             times.append(clock() - t0)
     return steps * cfg.train.batch_size / (times[1] - times[0])
 
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=200, help="training steps per timing (hvae: a shortened epoch)")
-    ap.add_argument("--variant", action="append", default=[], help="extra hvae config to time, e.g. train.compile=true")
+    ap.add_argument("--variant", action="append", default=[], help="extra hvae config to time, e.g. runtime.compile=true")
     ap.add_argument("--lean", action="store_true",
                     help="also time a minimal hand-written loop: the bare one with fused Adam and integer binarization")
     ap.add_argument("--eval-images", type=int, default=500)
@@ -119,7 +119,7 @@ def main() -> None:
                     help="decoder-call sizes of hvae's evaluator to time (MB of activations; 8 is hvae's choice on CPU); "
                          "the decoder roofline is measured at the 8 MB size")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--device", default="cpu", help="cpu | cuda: where every contender runs (hvae: train.accelerator)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: where every contender runs (hvae: runtime.accelerator)")
     ap.add_argument("--data-dir", type=Path, help="folder holding fashion-mnist/ (default: the usual places)")
     add_clock_option(ap)
     args = ap.parse_args()
@@ -128,15 +128,15 @@ def main() -> None:
     data = load_dataset("fashion-mnist", args.data_dir)
     flat = data.train_x.reshape(len(data.train_x), -1)
     # hvae trains one epoch over `steps` batches: the rest of the training set is held out as validation.
-    base = {"train.epochs": 1, "train.batch_size": args.batch, "train.threads": args.threads, "train.log_every": 10**9,
-            "data.validation": len(flat) - args.steps * args.batch, "train.accelerator": dev.type,
+    base = {"train.epochs": 1, "train.batch_size": args.batch, "runtime.threads": args.threads, "train.log_every": 10**9,
+            "data.validation": len(flat) - args.steps * args.batch, "runtime.accelerator": dev.type,
             **({"data.data_dir": str(args.data_dir)} if args.data_dir else {})}
     contenders = {"hvae (default)": apply(Config(), base)}
     other_model = set()  # another model or more samples per example: the default VAE's FLOP count does not apply
     for v in args.variant:
         variant = parse_set([v])
         contenders[f"hvae {v}"] = apply(Config(), {**base, **variant})
-        if any(key.startswith("model.") or key in ("train.n_samples", "train.iw_k") for key in variant):
+        if any(key.startswith("model.") or key.startswith("objective.") for key in variant):
             other_model.add(f"hvae {v}")
 
     # 1. Training: the hand-written loops and hvae epochs, alternating.
@@ -156,7 +156,7 @@ def main() -> None:
     # see hvae_epoch_diff; a compiled run also takes the difference, as its first step compiles (or loads the cache)
     by_difference = args.clock == "cpu" or dev.type == "cuda"
     for cfg in contenders.values():  # a compiled run's first process-wide compile is not timed
-        if cfg.train.compile:
+        if cfg.runtime.compile:
             hvae_epoch_diff(cfg, data.train_x, 2, clock)
     for r in range(args.repeats):
         for name, (model, opt, binarize) in loops.items():
@@ -165,7 +165,7 @@ def main() -> None:
             speeds[name].append(n / (clock() - t0))
         for name, cfg in contenders.items():
             speeds[name].append(hvae_epoch_diff(cfg, data.train_x, args.steps, clock)
-                                if by_difference or cfg.train.compile else hvae_epoch(cfg))
+                                if by_difference or cfg.runtime.compile else hvae_epoch(cfg))
         roof_times.append(matmul_seconds(train_shapes(args.batch), clock=clock, device=dev))
         print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in speeds.items()), file=sys.stderr)
     train_flop = flops(train_shapes(args.batch)) / args.batch  # per example

@@ -61,7 +61,7 @@ def main() -> None:
     # 2. `hvae train` with its defaults (a subprocess, exactly as a user runs it), then hvae's evaluator.
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "hvae", "train", "--epochs", str(args.epochs), "--out", str(args.out),
-                    "--set", f"train.threads={args.threads}", "--no-progress"], check=True)
+                    "--set", f"runtime.threads={args.threads}", "--no-progress"], check=True)
     result["hvae_train_seconds_wall"] = time.perf_counter() - t0
     epochs = [json.loads(line) for line in (args.out / "metrics.jsonl").read_text().splitlines()]
     result["hvae_train_seconds_loop"] = sum(r["epoch_seconds"] for r in epochs if "epoch_seconds" in r)

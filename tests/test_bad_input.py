@@ -116,25 +116,25 @@ def test_unknown_set_key(capsys, tmp_path, data_root):
 
 @pytest.mark.parametrize("item, fragment", [
     ("model.latent_dim=abc", "must be int"), ("model.hidden=[a,b]", "model.hidden"),
-    ("train.compile=1", "must be bool"),
-    ("train.lr=.nan", "finite"), ("train.lr", "key=value"), ("train.lr=[1,", "cannot parse")])
+    ("runtime.compile=1", "must be bool"),
+    ("optim.lr=.nan", "finite"), ("optim.lr", "key=value"), ("optim.lr=[1,", "cannot parse")])
 def test_mistyped_set_value(capsys, tmp_path, data_root, item, fragment):
     expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY, "--set", item],
                      tmp_path / "out", fragment)
 
 
 @pytest.mark.parametrize("item, fragment", [
-    ("train.log_every=0", "train.log_every must be >= 1"), ("train.max_nonfinite=0", "train.max_nonfinite must be >= 1"),
-    ("train.max_skips=-1", "train.max_skips must be >= 0"),
+    ("train.log_every=0", "train.log_every must be >= 1"), ("optim.max_nonfinite=0", "optim.max_nonfinite must be >= 1"),
+    ("optim.max_skips=-1", "optim.max_skips must be >= 0"),
     ("train.checkpoint_every=-5", "train.checkpoint_every must be >= 0"),
-    ("train.num_nodes=0", "train.num_nodes must be >= 1")])
+    ("runtime.num_nodes=0", "runtime.num_nodes must be >= 1")])
 def test_out_of_range_loop_settings(capsys, tmp_path, data_root, item, fragment):
     expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY, "--set", item],
                      tmp_path / "out", fragment)
 
 
 @pytest.mark.parametrize("text, fragment", [("train:\n  lr: [1,\n", "not valid YAML"), ("- 1\n", "mapping"),
-                                            ("train:\n  lrr: 1\n", "'train.lr'"), (b"\xff\xfe\x00", "UTF-8")])
+                                            ("train:\n  lrr: 1\n", "'optim.lr'"), (b"\xff\xfe\x00", "UTF-8")])
 def test_bad_yaml_file(capsys, tmp_path, data_root, text, fragment):
     preset = tmp_path / "preset.yaml"
     preset.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -167,7 +167,7 @@ def test_resume_without_checkpoint(capsys, run, tmp_path):
 
 
 def test_resume_refuses_config_changes(capsys, run):
-    expect_bad_input(capsys, ["train", "--resume", run, "--set", "train.lr=0.1"], run, "only --epochs and --device may change")
+    expect_bad_input(capsys, ["train", "--resume", run, "--set", "optim.lr=0.1"], run, "only --epochs and --device may change")
     expect_bad_input(capsys, ["train", "--resume", run, "--precision", "bf16-mixed"], run, "(got --precision)")
     expect_bad_input(capsys, ["train", "--resume", run, "--out", run.parent / "elsewhere"], run, "drop --out")
 
@@ -175,10 +175,10 @@ def test_resume_refuses_config_changes(capsys, run):
 def test_resume_may_move_the_run_to_another_device(run):
     """A run trained on one device resumes on another (here its saved accelerator, as if 'cuda', is overridden)."""
     config = json.loads((run / "config.json").read_text())
-    config["train"]["accelerator"] = "cuda"
+    config["runtime"]["accelerator"] = "cuda"
     (run / "config.json").write_text(json.dumps(config))
     assert main(["train", "--resume", str(run), "--device", "cpu", "--epochs", "2", "--no-progress"]) == 0
-    assert json.loads((run / "config.json").read_text())["train"]["accelerator"] == "cpu"
+    assert json.loads((run / "config.json").read_text())["runtime"]["accelerator"] == "cpu"
 
 
 def test_resume_of_a_checkpoint_from_a_newer_hvae(capsys, run):
@@ -285,7 +285,7 @@ def test_batch_larger_than_the_training_set(capsys, tmp_path, data_root):
 
 def test_unsupported_precision(capsys, tmp_path, data_root):
     expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY,
-                              "--precision", "bf16-true"], tmp_path / "out", "train.precision must be one of")
+                              "--precision", "bf16-true"], tmp_path / "out", "runtime.precision must be one of")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
@@ -343,18 +343,18 @@ def test_zero_devices(capsys, tmp_path, data_root):
 # --- cases found by a review of the CLI -----------------------------------------------------------------
 
 @pytest.mark.parametrize("item, fragment", [
-    ("train.strategy=foo", "train.strategy"), ("model.variance=foo", "unknown variance"),
+    ("runtime.strategy=foo", "runtime.strategy"), ("model.variance=foo", "model.variance must be one of"),
     ("model.hidden=[32,0]", "model.hidden sizes must be >= 1"), ("model.latent_dims=[-4]", "model.latent_dims"),
-    ("model.activation=tanhh", "model config")])
+    ("model.activation=tanhh", "model.activation must be one of")])
 def test_overwrite_with_a_config_that_cannot_run_keeps_the_old_run(capsys, run, data_root, item, fragment):
     expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", run, "--overwrite", *TINY, "--set", item],
                      run, fragment)
 
 
 @pytest.mark.parametrize("item, fragment", [
-    ("train.beta=-1", "train.beta must be >= 0"), ("train.free_bits=-1", "train.free_bits must be >= 0"),
-    ("train.warmup_epochs=-1", "train.warmup_epochs"), ("train.grad_clip=-1", "train.grad_clip"),
-    ("train.skip_threshold=-1", "train.skip_threshold"), ("train.threads=100000", "train.threads")])
+    ("objective.beta=-1", "objective.beta must be >= 0"), ("objective.free_bits=-1", "objective.free_bits must be >= 0"),
+    ("objective.warmup_epochs=-1", "objective.warmup_epochs"), ("optim.grad_clip=-1", "optim.grad_clip"),
+    ("optim.skip_threshold=-1", "optim.skip_threshold"), ("runtime.threads=100000", "runtime.threads")])
 def test_out_of_range_training_values(capsys, tmp_path, data_root, item, fragment):
     expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY, "--set", item],
                      tmp_path / "out", fragment)
@@ -424,7 +424,7 @@ def test_several_configs_merge_in_order_and_relative_paths_are_stored_absolute(t
     assert main(["train", "--config", tmp_path / "base.yaml", "--config", tmp_path / "more.yaml", "--data-dir", "data",
                  "--out", out, "--batch-size", "32", "--no-progress"]) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model"]["hidden"] == [16] and cfg["train"]["lr"] == 0.002 and cfg["train"]["epochs"] == 1
+    assert cfg["model"]["hidden"] == [16] and cfg["optim"]["lr"] == 0.002 and cfg["train"]["epochs"] == 1
     assert cfg["data"]["data_dir"] == str(data_root)
 
 

@@ -1,4 +1,4 @@
-"""train.compile=true: the compiled objective computes the same numbers as the eager one, and a compiled run trains,
+"""runtime.compile=true: the compiled objective computes the same numbers as the eager one, and a compiled run trains,
 checkpoints and resumes like an eager one."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hvae.config import Config, ModelConfig, apply
+from hvae.config import Config, apply
 from hvae.models import build_model
-from hvae.objectives import TrainingObjective
-from hvae.train import Objective, train
+from hvae.models import VAEConfig
+from hvae.objectives import ElboObjective
+from hvae.loop import Objective, fit
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -21,13 +22,13 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # torch's own internals, while compiling
 ]
 
-TINY = {"model.hidden": [64, 32], "model.latent_dim": 4, "train.batch_size": 32, "train.threads": 1}
+TINY = {"model.hidden": [64, 32], "model.latent_dim": 4, "train.batch_size": 32, "runtime.threads": 1}
 
 
 def test_compiled_objective_matches_eager_value_and_gradients():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden=[64, 32], latent_dim=4), (1, 28, 28))
-    objective = Objective(model, TrainingObjective(n_samples=2))
+    model = build_model(VAEConfig(hidden=[64, 32], latent_dim=4), (1, 28, 28))
+    objective = Objective(model, ElboObjective(n_samples=2))
     x = (torch.rand(8, 1, 28, 28) < 0.3).float()
     beta = torch.tensor(0.5)
 
@@ -50,8 +51,8 @@ def test_compiled_objective_matches_eager_value_and_gradients():
 def test_compiled_run_trains_checkpoints_and_resumes(idx_dir, tmp_path):
     base = {**TINY, "data.data_dir": str(idx_dir.parent), "train.epochs": 2}
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    train(apply(Config(), base), eager, progress=False)
-    train(apply(Config(), {**base, "train.compile": True}), compiled, progress=False)
+    fit(apply(Config(), base), eager, progress=False)
+    fit(apply(Config(), {**base, "runtime.compile": True}), compiled, progress=False)
     # The checkpoint holds the plain model's weights (no wrapper prefixes), so every command can load it.
     w_eager = load_file(eager / "checkpoints" / "last" / "model.safetensors")
     w_compiled = load_file(compiled / "checkpoints" / "last" / "model.safetensors")
@@ -60,6 +61,6 @@ def test_compiled_run_trains_checkpoints_and_resumes(idx_dir, tmp_path):
     epochs = [r for r in epochs if "train_elbo" in r]
     assert len(epochs) == 2 and all(torch.isfinite(torch.tensor(r["train_elbo"])) for r in epochs)
     assert epochs[1]["train_elbo"] > epochs[0]["train_elbo"]  # it learns
-    train(apply(Config(), {**base, "train.compile": True, "train.epochs": 3}), compiled, resume=True, progress=False)
+    fit(apply(Config(), {**base, "runtime.compile": True, "train.epochs": 3}), compiled, resume=True, progress=False)
     resumed = [json.loads(line) for line in (compiled / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in resumed if "train_elbo" in r] == [1, 2, 3]

@@ -24,8 +24,8 @@ def test_yaml_preset_lists_only_what_differs(tmp_path):
                     "  analytic_kl: false\n  beta: 2\n")
     cfg = apply(Config(), load_yaml(path))
     assert cfg.model.latent_dim == 8 and cfg.model.hidden == [64, 32] and cfg.data.validation == 100
-    assert cfg.train.lr == 3e-4 and cfg.train.analytic_kl is False
-    assert cfg.train.beta == 2.0 and isinstance(cfg.train.beta, float)  # ints are accepted for floats
+    assert cfg.optim.lr == 3e-4 and cfg.objective.analytic_kl is False
+    assert cfg.objective.beta == 2.0 and isinstance(cfg.objective.beta, float)  # ints are accepted for floats
     assert cfg.train.epochs == Config().train.epochs  # everything else stays at its default
 
 
@@ -37,13 +37,13 @@ def test_empty_file_and_empty_sections_change_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("item, key, value", [
-    ("train.lr=3e-4", "train.lr", 3e-4),  # YAML 1.1 reads '3e-4' as a string; floats must still take it
-    ("train.lr=1E-3", "train.lr", 1e-3),
-    ("train.lr=0.5", "train.lr", 0.5),
+    ("optim.lr=3e-4", "optim.lr", 3e-4),  # YAML 1.1 reads '3e-4' as a string; floats must still take it
+    ("optim.lr=1E-3", "optim.lr", 1e-3),
+    ("optim.lr=0.5", "optim.lr", 0.5),
     ("train.epochs=7", "train.epochs", 7),
     ("model.hidden=[256,128]", "model.hidden", [256, 128]),
     ("model.hidden=[]", "model.hidden", []),
-    ("train.compile=true", "train.compile", True),
+    ("runtime.compile=true", "runtime.compile", True),
     ("data.data_dir=/tmp/x", "data.data_dir", "/tmp/x"),
     ("data.data_dir=null", "data.data_dir", None),
     ("data.data_dir=", "data.data_dir", None),
@@ -57,12 +57,12 @@ def test_set_overrides(item, key, value):
 
 
 @pytest.mark.parametrize("key, closest", [
-    ("train.lrr", "train.lr"),
-    ("trian.lr", "train.lr"),
+    ("train.lrr", "optim.lr"),
+    ("trian.lr", "optim.lr"),
     ("model.latentdim", "model.latent_dim"),
     ("model.hiden", "model.hidden"),
     ("data.data-dir", "data.data_dir"),
-    ("lr", "train.lr"),  # a top-level key that belongs in a section
+    ("lr", "optim.lr"),  # a top-level key that belongs in a section
     ("batch_size", "train.batch_size"),
     ("Train.Epochs", "train.epochs"),
 ])
@@ -79,9 +79,9 @@ def test_a_section_alone_is_not_a_key():
 
 
 def test_unknown_keys_in_yaml_top_level_and_nested(tmp_path):
-    cases = {"top.yaml": ("lr: 0.1\n", "train.lr"), "nested.yaml": ("train:\n  lerning_rate: 0.1\n", None),
-             "misspelt.yaml": ("train:\n  warmup_epoch: 2\n", "train.warmup_epochs"),
-             "section.yaml": ("trian:\n  lr: 0.1\n", "train.lr")}
+    cases = {"top.yaml": ("lr: 0.1\n", "optim.lr"), "nested.yaml": ("train:\n  lerning_rate: 0.1\n", None),
+             "misspelt.yaml": ("train:\n  warmup_epoch: 2\n", "objective.warmup_epochs"),
+             "section.yaml": ("trian:\n  lr: 0.1\n", "optim.lr")}
     for name, (text, closest) in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(ConfigError) as err:
@@ -101,13 +101,13 @@ def test_unknown_keys_in_yaml_top_level_and_nested(tmp_path):
     ("model.hidden", [True]),
     ("model.hidden", 64),
     ("model.hidden", {"a": 1}),
-    ("train.lr", True),
-    ("train.lr", "fast"),
-    ("train.lr", float("nan")),
-    ("train.lr", float("inf")),
-    ("train.lr", 10 ** 400),
-    ("train.compile", 1),  # int for bool
-    ("train.compile", "yes please"),
+    ("optim.lr", True),
+    ("optim.lr", "fast"),
+    ("optim.lr", float("nan")),
+    ("optim.lr", float("inf")),
+    ("optim.lr", 10 ** 400),
+    ("runtime.compile", 1),  # int for bool
+    ("runtime.compile", "yes please"),
     ("model.name", 5),
     ("model.name", None),
     ("data.data_dir", [1]),
@@ -118,8 +118,8 @@ def test_wrong_types_are_refused_with_the_key(key, value):
     assert repr(key) in str(err.value)
 
 
-@pytest.mark.parametrize("items", [["train.lr"], ["=3"], ["train.lr=[1,"], ["train.lr=2020-13-45"],
-                                   ["train.lr={a: [}"], ["model.hidden=[1, 2"]])
+@pytest.mark.parametrize("items", [["optim.lr"], ["=3"], ["optim.lr=[1,"], ["optim.lr=2020-13-45"],
+                                   ["optim.lr={a: [}"], ["model.hidden=[1, 2"]])
 def test_parse_set_refuses_malformed_items(items):
     with pytest.raises(ConfigError) as err:
         apply(Config(), parse_set(items))
@@ -143,8 +143,8 @@ def test_bad_yaml_files(tmp_path):
 
 
 def test_round_trip_to_dict_from_dict_and_through_json():
-    cfg = apply(Config(), {"model.hidden": [16, 8], "model.latent_dim": 3, "data.data_dir": "/d", "train.lr": 2e-4,
-                           "train.compile": True, "train.beta": 0.5})
+    cfg = apply(Config(), {"model.hidden": [16, 8], "model.latent_dim": 3, "data.data_dir": "/d", "optim.lr": 2e-4,
+                           "runtime.compile": True, "objective.beta": 0.5})
     assert from_dict(to_dict(cfg)) == cfg
     assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
     assert from_dict(to_dict(Config())) == Config()
@@ -162,8 +162,8 @@ def test_from_dict_is_strict():
 
 def test_apply_returns_a_copy_and_shares_no_lists():
     base = Config()
-    cfg = apply(base, {"train.lr": 0.5})
-    assert base.train.lr == Config().train.lr and cfg.train.lr == 0.5
+    cfg = apply(base, {"optim.lr": 0.5})
+    assert base.optim.lr == Config().optim.lr and cfg.optim.lr == 0.5
     cfg.model.hidden.append(7)
     assert base.model.hidden == Config().model.hidden
 
@@ -178,7 +178,7 @@ def test_a_key_given_twice_in_a_yaml_preset_is_an_error_not_a_silent_drop(tmp_pa
         load_yaml(preset)
 
 
-@pytest.mark.parametrize("item", ["train.epochs=010", "train.lr=1:30"])
+@pytest.mark.parametrize("item", ["train.epochs=010", "optim.lr=1:30"])
 def test_yaml_1_1_octal_and_base_60_numbers_are_not_read_as_numbers(item):
     """YAML 1.1 reads 010 as 8 and 1:30 as 90; here they stay text, which the typed config refuses."""
     with pytest.raises(ConfigError, match="must be"):

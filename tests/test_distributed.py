@@ -20,7 +20,7 @@ from conftest import make_idx_dir
 def run(out: Path, data: Path, seed: int, *extra: str) -> list[dict]:
     cmd = [sys.executable, "-m", "hvae", "train", "--data-dir", str(data), "--epochs", "4", "--batch-size", "64",
            "--set", "model.hidden=[64]", "--set", "model.latent_dim=4", "--set", "train.log_every=1",
-           "--set", "train.threads=1", "--no-progress", "--device", "cpu", "--seed", str(seed), "--out", str(out), *extra]
+           "--set", "runtime.threads=1", "--no-progress", "--device", "cpu", "--seed", str(seed), "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -42,14 +42,14 @@ def test_ddp_two_processes_track_one_process(tmp_path):
     final = [next(r for r in reversed(rs) if "train_elbo" in r)["train_elbo"] for rs in (single, other_seed, ddp)]
     assert abs(final[2] - final[0]) < abs(final[1] - final[0]) + 2.0
     assert statistics.fmean(losses(ddp)[-8:]) < statistics.fmean(losses(ddp)[:8]) - 50  # and it learns
-    assert json.loads((tmp_path / "d0" / "config.json").read_text())["train"]["devices"] == 2
+    assert json.loads((tmp_path / "d0" / "config.json").read_text())["runtime"]["devices"] == 2
     # the ranks hold the same weights at every epoch end, bit for bit (their gradients are averaged)
     gaps = [r["rank_weight_gap"] for r in ddp if "train_elbo" in r]
     assert len(gaps) == 4 and gaps == [0.0] * 4
 
 
 def test_the_ranks_shares_of_a_global_batch_partition_it():
-    from hvae.train import rank_slice
+    from hvae.loop import rank_slice
 
     for world in (1, 2, 4):
         for i in (0, 3):

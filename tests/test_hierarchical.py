@@ -12,14 +12,15 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torch.distributions import MultivariateNormal, Normal
 
-from hvae.config import ModelConfig
+from hvae.config import Config, apply
 from hvae.distributions import DiagonalGaussian
-from hvae.models import VAE, LadderVAE, MHVAE, build_model
+from hvae.models import VAE, LadderConfig, LadderVAE, MHVAE, MHVAEConfig, build_model
 from hvae.models.ladder import precision_merge
-from hvae.objectives import (TrainingObjective, elbo, elbo_terms, iw_bound, log_importance_weights,
-                             log_weights_of_trace, training_objective)
+from hvae.objectives import (ElboObjective, elbo, elbo_terms, iw_bound, log_importance_weights,
+                             log_weights_of_trace)
 from hvae.protocol import LatentVariableModel
 
 SHAPE = (1, 6, 6)  # 36 binary pixels: small enough for float64 and thousands of samples
@@ -160,18 +161,18 @@ def linear_ladder(posterior: str, widen=0.0, shift=0.0) -> LadderVAE:
     m = LadderVAE((3,), (1, 1), hidden=(), level_hidden=(), likelihood="gaussian", posterior=posterior).double()
     with torch.no_grad():
         m.decoder[0].weight.copy_(W[:, None]), m.decoder[0].bias.copy_(B0)
-    set_linear(m.prior[0], [A], C, math.log(S1_SQ))
+    set_linear(m.blocks[0].prior, [A], C, math.log(S1_SQ))
     sigma = S1_SQ * torch.outer(W, W) + torch.eye(3, dtype=torch.float64)
     g = torch.linalg.solve(sigma, W * A)
     prec2 = 1 + A * (W @ g)
-    set_linear(m.top, g / prec2, float(-(g / prec2) @ (W * C + B0)), -math.log(prec2), widen, shift)
+    set_linear(m.blocks[-1].post, g / prec2, float(-(g / prec2) @ (W * C + B0)), -math.log(prec2), widen, shift)
     ww = W @ W
     if posterior == "precision":  # the bottom-up factor N(x; w z_1 + b, I) as a Gaussian in z_1
-        set_linear(m.post[0], W / ww, float(-(W @ B0) / ww), -math.log(ww), widen, shift)
+        set_linear(m.blocks[0].post, W / ww, float(-(W @ B0) / ww), -math.log(ww), widen, shift)
     else:  # independent: q(z_1 | z_2, x) linear in (x, z_2)
         prec1 = 1 / S1_SQ + ww
         weight = torch.cat([W / prec1, torch.tensor([A / (S1_SQ * prec1)], dtype=torch.float64)])
-        set_linear(m.post[0].head, weight, float((C / S1_SQ - W @ B0) / prec1), -math.log(prec1), widen, shift)
+        set_linear(m.blocks[0].post.head, weight, float((C / S1_SQ - W @ B0) / prec1), -math.log(prec1), widen, shift)
     return m
 
 
@@ -211,7 +212,7 @@ def test_iwae_with_one_sample_is_the_elbo(name):
     torch.testing.assert_close(iw_bound(log_weights_of_trace(model, x, trace)),
                                elbo_terms(model, x, trace, analytic_kl=False).elbo, rtol=0, atol=1e-10)
     torch.manual_seed(2)
-    objective, _ = training_objective(model, x, TrainingObjective(iw_k=1))
+    objective, _ = ElboObjective()(model, x, 1.0)
     torch.manual_seed(2)
     torch.testing.assert_close(objective, elbo(model, x).elbo, rtol=0, atol=1e-10)
 
@@ -227,7 +228,7 @@ def test_ladder_kl_uses_the_top_down_posterior_not_the_bottom_up_statistics():
     kl_merged, kl_raw = [], []
     for t in (1, 2):  # levels below the top
         level = trace.levels[t - 1]
-        raw = model.post[t - 1](ds[t - 1])  # the encoder's own estimate N(mu_hat, var_hat): [B, D_t]
+        raw = model.blocks[t - 1].post(ds[t - 1])  # the encoder's own estimate N(mu_hat, var_hat): [B, D_t]
         merged = precision_merge(raw.__class__(raw.mean.expand_as(level.p.mean), raw.log_var.expand_as(level.p.mean)),
                                  level.p)
         torch.testing.assert_close(level.q.mean, merged.mean)
@@ -251,10 +252,99 @@ def test_ladder_residual_posterior_is_relative_to_the_prior_and_not_collapsed_at
     trace = model.infer(x, 2)
     ds = model.bottom_up(x)
     level = trace.levels[0]
-    h = model.down[0](torch.cat([trace.levels[1].z, model.down[1](trace.levels[2].z)], -1))
-    dmu, _ = model.post[0](torch.cat([ds[0].expand(2, -1, -1), h], -1)).chunk(2, -1)
+    h = model.blocks[0].state(torch.cat([trace.levels[1].z, model.blocks[1].state(trace.levels[2].z)], -1))
+    dmu, _ = model.blocks[0].post(torch.cat([ds[0].expand(2, -1, -1), h], -1)).chunk(2, -1)
     torch.testing.assert_close(level.q.mean, level.p.mean + dmu)
     assert (elbo_terms(model, x, trace).kl_per_level.mean(1) > 1e-2).all()  # no level starts collapsed
+
+
+# 5b. Runs saved by the ladder before its TopDownBlocks (four lists down.i, prior.i, post.i and top; i = t - 1).
+
+def legacy_name(model: LadderVAE, name: str) -> str:
+    """The old name of a key, from the old layout as it was: blocks.i.state -> down.i, blocks.i.prior -> prior.i,
+    blocks.i.post -> post.i, the top level's blocks.{T-1}.post -> top; encoder, decoder, up unchanged."""
+    head, _, rest = name.partition(".")
+    if head != "blocks":
+        return name
+    i, part, rest = rest.split(".", 2)
+    if part == "post" and int(i) == model.n_levels - 1:
+        return f"top.{rest}"
+    return f"{'down' if part == 'state' else part}.{i}.{rest}"
+
+
+@pytest.mark.parametrize("name", [name for name in FACTORIES if name.startswith("ladder")] + ["ladder-one-level"])
+def test_a_state_dict_under_the_legacy_names_loads_and_gives_the_same_outputs(name):
+    make = FACTORIES.get(name, lambda: LadderVAE(SHAPE, (5,), **SMALL))
+    torch.manual_seed(0)
+    saved = make().eval()
+    legacy = {legacy_name(saved, k): v for k, v in saved.state_dict().items()}  # BatchNorm buffers too
+    assert any(k.startswith("top.") for k in legacy) and not any(k.startswith("blocks.") for k in legacy)
+    assert [saved.legacy_key(k) for k in legacy] == list(saved.state_dict())  # legacy_key inverts legacy_name
+    torch.manual_seed(1)
+    model, wrapped = make().eval(), make().eval()
+    keys = list(legacy)
+    model.load_state_dict(legacy)  # strict: every key found, none left over
+    nn.ModuleDict({"ema": wrapped}).load_state_dict({f"ema.{k}": v for k, v in legacy.items()})  # under a prefix
+    assert list(legacy) == keys  # the caller's dict is not renamed
+    for loaded in (model, wrapped):
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in saved.state_dict().items())
+        x = binary(4)
+        torch.manual_seed(2)
+        a = elbo(saved, x, n_samples=3)
+        torch.manual_seed(2)
+        assert all(torch.equal(ta, tb) for ta, tb in zip(a, elbo(loaded, x, n_samples=3)))
+
+
+# A small ladder's parameters as the four-list layout registered them (encoder, decoder, up, down, prior, top,
+# post), written out by hand: LadderVAE((6,), (3, 2), hidden=(5,), level_hidden=(4,), likelihood="gaussian").
+LEGACY_PARAMETERS = [
+    ("encoder.1.0.weight", (5, 6)), ("encoder.1.0.bias", (5,)), ("decoder.0.weight", (5, 3)), ("decoder.0.bias", (5,)),
+    ("decoder.2.weight", (6, 5)), ("decoder.2.bias", (6,)), ("up.0.0.weight", (4, 5)), ("up.0.0.bias", (4,)),
+    ("down.0.0.weight", (4, 2)), ("down.0.0.bias", (4,)), ("prior.0.linear.weight", (6, 4)),
+    ("prior.0.linear.bias", (6,)), ("top.linear.weight", (4, 4)), ("top.linear.bias", (4,)),
+    ("post.0.0.0.weight", (4, 9)), ("post.0.0.0.bias", (4,)), ("post.0.1.weight", (6, 4)), ("post.0.1.bias", (6,)),
+]
+
+
+def test_legacy_parameter_order_is_the_old_registration_order_and_its_names_load():
+    torch.manual_seed(0)
+    model = LadderVAE((6,), (3, 2), hidden=(5,), level_hidden=(4,), likelihood="gaussian")
+    params, order = dict(model.named_parameters()), model.legacy_parameter_order()
+    assert sorted(order) == sorted(params) and order != list(params)  # a permutation, and not the identity
+    assert [tuple(params[n].shape) for n in order] == [shape for _, shape in LEGACY_PARAMETERS]
+    assert order == [model.legacy_key(old) for old, _ in LEGACY_PARAMETERS]
+    # What an old run's model.safetensors holds: its names, in its order; it loads strictly and acts the same.
+    torch.manual_seed(1)
+    fresh = LadderVAE((6,), (3, 2), hidden=(5,), level_hidden=(4,), likelihood="gaussian")
+    fresh.load_state_dict({old: params[new].detach() for (old, _), new in zip(LEGACY_PARAMETERS, order)})
+    x = torch.randn(5, 6)
+    torch.manual_seed(2)
+    a = elbo(model, x, n_samples=2)
+    torch.manual_seed(2)
+    assert all(torch.equal(ta, tb) for ta, tb in zip(a, elbo(fresh, x, n_samples=2)))
+
+
+@pytest.mark.parametrize("kw", [dict(posterior="residual", norm="none"), dict(posterior="precision", norm="batch"),
+                                dict(posterior="independent", norm="layer", skip=True)])
+def test_initial_weights_are_drawn_in_the_legacy_parameter_order(kw):
+    # The four-list layout drew each nn.Linear's initial weights (the only draws of an MLP ladder) in the order it
+    # registered them; redrawing them in legacy_parameter_order from the same seed must give every value back,
+    # so a seed still gives the old initial weights. Redrawn in the blocks' own order, they differ.
+    def redraw(model, names):
+        modules = dict(model.named_modules())
+        torch.manual_seed(0)
+        for name in names:
+            owner = modules[name.rpartition(".")[0]]
+            if isinstance(owner, nn.Linear) and name.endswith(".weight"):
+                owner.reset_parameters()  # weight, then bias: as at construction
+        return model.state_dict()
+
+    torch.manual_seed(0)
+    built = {k: v.clone() for k, v in LadderVAE(SHAPE, (5, 4, 3), **SMALL, **kw).state_dict().items()}
+    torch.manual_seed(5)
+    model = LadderVAE(SHAPE, (5, 4, 3), **SMALL, **kw)
+    assert all(torch.equal(built[k], v) for k, v in redraw(model, model.legacy_parameter_order()).items())
+    assert not all(torch.equal(built[k], v) for k, v in redraw(model, [n for n, _ in model.named_parameters()]).items())
 
 
 # 6. Protocol, shapes, temperatures, hierarchical generation.
@@ -328,17 +418,19 @@ def test_resample_lower_keeps_the_top_and_redraws_below(name):
 # 7. Configuration and the training loop, end to end.
 
 def test_build_model_reads_the_hierarchy_config():
-    m = build_model(ModelConfig(name="mhvae", levels=3, latent_dims=[8, 4, 2], hidden=[16], level_hidden=[8]), SHAPE)
+    m = build_model(MHVAEConfig(levels=3, latent_dims=[8, 4, 2], hidden=[16], level_hidden=[8]), SHAPE)
     assert isinstance(m, MHVAE) and m.latent_dims == (8, 4, 2)
-    lad = build_model(ModelConfig(name="ladder", levels=2, latent_dim=6, hidden=[16], posterior="precision",
+    lad = build_model(LadderConfig(levels=2, latent_dim=6, hidden=[16], posterior="precision",
                                   skip=True, norm="layer"), SHAPE)
     assert isinstance(lad, LadderVAE) and lad.latent_dims == (6, 6) and lad.decoder[0].in_features == 12
     with pytest.raises(ValueError, match="one size per level"):
-        build_model(ModelConfig(name="mhvae", levels=3, latent_dims=[8, 4]), SHAPE)
+        build_model(MHVAEConfig(levels=3, latent_dims=[8, 4]), SHAPE)
+    with pytest.raises(ValueError, match="one size per level"):  # refused when the config is built, too
+        apply(Config(), {"model.name": "mhvae", "model.levels": 3, "model.latent_dims": [8, 4]})
     with pytest.raises(ValueError, match="posterior"):
-        build_model(ModelConfig(name="ladder", posterior="merge"), SHAPE)
+        build_model(LadderConfig(posterior="merge"), SHAPE)
     with pytest.raises(ValueError, match="norm"):
-        build_model(ModelConfig(name="mhvae", norm="group", level_hidden=[]), SHAPE)
+        apply(Config(), {"model.name": "mhvae", "model.norm": "group", "model.level_hidden": []})
 
 
 @pytest.mark.parametrize("model", [["--model", "mhvae", "--set", "model.levels=3"],
@@ -348,7 +440,7 @@ def test_hierarchical_models_train_and_evaluate_through_the_cli(model, idx_dir, 
 
     run = tmp_path / "run"
     tiny = ["--set", "model.hidden=[32]", "--set", "model.level_hidden=[16]", "--set", "model.latent_dim=4",
-            "--set", "train.free_bits=0.1", "--set", "train.iw_k=2", "--batch-size", "32", "--no-progress"]
+            "--set", "objective.name=iwae", "--set", "objective.k=2", "--batch-size", "32", "--no-progress"]
     assert main(["train", "--data-dir", str(idx_dir.parent), "--epochs", "2", "--out", str(run), *model, *tiny]) == 0
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["train_elbo"] > lines[0]["train_elbo"]  # it learned

@@ -18,9 +18,9 @@ from torch.distributions import MultivariateNormal
 
 from hvae.distributions import DiagonalGaussian
 from hvae.likelihoods import Gaussian
-from hvae.objectives import (TrainingObjective, bits_per_dim, elbo, elbo_terms, free_bits, iw_bound, level_rate,
+from hvae.objectives import (ElboObjective, IwaeObjective, bits_per_dim, elbo, elbo_terms, free_bits, iw_bound, level_rate,
                              log_importance_weights, log_weights_of_trace, nats_from_bits_per_dim,
-                             training_objective)
+                             )
 from hvae.protocol import LatentVariableModel, Level, Trace
 
 N_SIGMA = 5.0  # tolerance of every Monte Carlo check, in computed standard errors
@@ -298,7 +298,7 @@ def test_free_bits_replaces_levels_below_threshold_by_a_constant_without_gradien
 def test_training_objective_single_sample_is_the_elbo_path(loose):
     x = loose.draw_data(8)
     torch.manual_seed(11)
-    surrogate, terms = training_objective(loose, x, TrainingObjective())
+    surrogate, terms = ElboObjective()(loose, x, 1.0)
     torch.manual_seed(11)
     reference = elbo(loose, x)
     assert surrogate.shape == (8,)
@@ -310,17 +310,18 @@ def test_training_objective_single_sample_is_the_elbo_path(loose):
 def test_training_objective_beta_and_free_bits(loose):
     x = loose.draw_data(8)
     torch.manual_seed(5)
-    surrogate, terms = training_objective(loose, x, TrainingObjective(beta=0.25))
+    objective = ElboObjective(beta=0.25)
+    surrogate, terms = objective(loose, x, objective.kl_weight(0, 1))
     torch.testing.assert_close(surrogate, terms.reconstruction - 0.25 * terms.kl)
     threshold = terms.kl.mean().item() + 1.0  # above the batch-mean KL: the rate becomes the constant
-    surrogate, terms = training_objective(loose, x, TrainingObjective(free_bits=threshold))
+    surrogate, terms = ElboObjective(free_bits=threshold)(loose, x, 1.0)
     torch.testing.assert_close(surrogate, terms.reconstruction - threshold)
 
 
 def test_training_objective_importance_weighted_is_the_iw_bound(loose):
     x = loose.draw_data(8)
     torch.manual_seed(2)
-    surrogate, terms = training_objective(loose, x, TrainingObjective(iw_k=5))
+    surrogate, terms = IwaeObjective(k=5)(loose, x)
     torch.manual_seed(2)
     torch.testing.assert_close(surrogate, iw_bound(log_importance_weights(loose, x, 5)))
     torch.testing.assert_close(terms.elbo, terms.reconstruction - terms.kl)

@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from hvae import checkpoint as ckpt
 from hvae.cli import main
 from hvae.config import Config, apply
-from hvae.train import TrainingError, train
+from hvae.loop import TrainingError, fit
+from hvae.objectives import ElboObjective
 
-TINY = {"model.hidden": [64, 32], "model.latent_dim": 4, "train.batch_size": 32, "train.threads": 1}
+TINY = {"model.hidden": [64, 32], "model.latent_dim": 4, "train.batch_size": 32, "runtime.threads": 1}
 
 
 def tiny_cfg(idx_dir: Path, **extra) -> Config:
@@ -38,7 +39,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(idx_dir, tmp_path):
     args = ["train", "--data-dir", str(idx_dir.parent), "--epochs", "40", "--no-progress",
             "--set", "model.hidden=[256,128]", "--set", "model.latent_dim=4", "--batch-size", "32",
-            "--set", "train.threads=1", "--set", "train.checkpoint_every=3", "--set", "train.ema=0.9"]
+            "--set", "runtime.threads=1", "--set", "train.checkpoint_every=3", "--set", "optim.ema=0.9"]
     steps_total = 40 * (256 // 32)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(hvae_cmd(*args, "--out", str(killed)), stderr=subprocess.DEVNULL)
@@ -68,26 +69,24 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(idx_dir, tmp_pa
 
 def test_resume_in_process_equals_straight_run(idx_dir, tmp_path):
     full = tiny_cfg(idx_dir, **{"train.epochs": 3})
-    train(full, tmp_path / "a", progress=False)
-    train(apply(full, {"train.epochs": 1}), tmp_path / "b", progress=False)
-    train(full, tmp_path / "b", resume=True, progress=False)
+    fit(full, tmp_path / "a", progress=False)
+    fit(apply(full, {"train.epochs": 1}), tmp_path / "b", progress=False)
+    fit(full, tmp_path / "b", resume=True, progress=False)
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_nonfinite_steps_are_skipped_and_counted(idx_dir, tmp_path, monkeypatch):
-    import hvae.train as tr
+    real, calls = ElboObjective.__call__, {"n": 0}
 
-    real, calls = tr.training_objective, {"n": 0}
-
-    def flaky(model, x, spec):
-        obj, terms = real(model, x, spec)
+    def flaky(self, model, x, kl_weight):
+        obj, terms = real(self, model, x, kl_weight)
         calls["n"] += 1
         return (obj * float("nan") if calls["n"] in (3, 4, 5) else obj), terms
 
-    monkeypatch.setattr(tr, "training_objective", flaky)
+    monkeypatch.setattr(ElboObjective, "__call__", flaky)
     run = tmp_path / "run"
-    train(tiny_cfg(idx_dir, **{"train.log_every": 1}), run, progress=False)
+    fit(tiny_cfg(idx_dir, **{"train.log_every": 1}), run, progress=False)
     state = ckpt.load_state(ckpt.checkpoint_dir(run))
     assert state["counters"]["nonfinite"] == 3
     assert all(torch.isfinite(w).all() for w in final_weights(run).values())
@@ -96,28 +95,21 @@ def test_nonfinite_steps_are_skipped_and_counted(idx_dir, tmp_path, monkeypatch)
 
 
 def test_persistent_nonfinite_stops_and_keeps_last_good_checkpoint(idx_dir, tmp_path, monkeypatch):
-    import hvae.train as tr
-
     run = tmp_path / "run"
-    train(tiny_cfg(idx_dir, **{"train.epochs": 1}), run, progress=False)
+    fit(tiny_cfg(idx_dir, **{"train.epochs": 1}), run, progress=False)
     good = {k: v.clone() for k, v in final_weights(run).items()}
-    monkeypatch.setattr(tr, "training_objective", lambda m, x, s: (lambda o, t: (o * float("nan"), t))(*_real(m, x, s)))
+    real = ElboObjective.__call__
+    monkeypatch.setattr(ElboObjective, "__call__", lambda self, m, x, w: (lambda o, t: (o * float("nan"), t))(*real(self, m, x, w)))
     with pytest.raises(TrainingError, match="non-finite"):
-        train(tiny_cfg(idx_dir, **{"train.epochs": 3, "train.max_nonfinite": 4}), run, resume=True, progress=False)
+        fit(tiny_cfg(idx_dir, **{"train.epochs": 3, "optim.max_nonfinite": 4}), run, resume=True, progress=False)
     after = final_weights(run)
     assert all(torch.equal(good[k], after[k]) for k in good)
 
 
-def _real(model, x, spec):
-    from hvae.objectives import training_objective
-
-    return training_objective(model, x, spec)
-
-
 def test_update_skipping_is_capped_so_training_never_stalls(idx_dir, tmp_path):
     run = tmp_path / "run"
-    cfg = tiny_cfg(idx_dir, **{"train.epochs": 1, "train.skip_threshold": 1e-9, "train.max_skips": 3})
-    train(cfg, run, progress=False)
+    cfg = tiny_cfg(idx_dir, **{"train.epochs": 1, "optim.skip_threshold": 1e-9, "optim.max_skips": 3})
+    fit(cfg, run, progress=False)
     state = ckpt.load_state(ckpt.checkpoint_dir(run))
     steps = 256 // 32
     # every norm exceeds the threshold: 3 skips, then one clipped update, repeated
@@ -130,25 +122,27 @@ def test_update_skipping_is_capped_so_training_never_stalls(idx_dir, tmp_path):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_guard_catches_a_nonfinite_gradient_under_a_finite_loss(want_norm, bad):
     """With or without the norm (it is computed only at logging steps), one bad gradient entry is caught."""
-    from hvae.train import UpdateGuard
+    from hvae.optim import UpdateGuard
+    from hvae.state import TrainState
 
     params = [torch.nn.Parameter(torch.ones(3, 4)), torch.nn.Parameter(torch.ones(5))]
     for p in params:
         p.grad = torch.full_like(p, 0.5)
-    guard = UpdateGuard(Config().train, {"skipped": 0, "nonfinite": 0, "clipped_after_skips": 0})
+    state = TrainState(torch.Generator(), torch.device("cpu"))
+    guard = UpdateGuard(Config().optim, state, torch.optim.Adam(params), torch.device("cpu"))
     applied, norm = guard.allow(torch.tensor(1.0), params, 0, want_norm=want_norm)
     assert applied and (norm is None) != want_norm
     if want_norm:
         assert torch.isclose(norm, torch.tensor(0.5 * 17 ** 0.5))
     params[1].grad[2] = bad
     applied, _ = guard.allow(torch.tensor(1.0), params, 1, want_norm=want_norm)
-    assert not applied and guard.counters["nonfinite"] == 1
+    assert not applied and state.counters["nonfinite"] == 1
 
 
 def test_the_guard_is_deferred_only_where_a_sync_costs_and_the_optimizer_can_skip_itself():
-    from hvae.train import defer_guard
+    from hvae.optim import defer_guard
 
-    t = Config().train
+    t = Config().optim
     fused = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))], fused=True)
     plain = torch.optim.Adamax([torch.nn.Parameter(torch.ones(2))])
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
@@ -156,24 +150,22 @@ def test_the_guard_is_deferred_only_where_a_sync_costs_and_the_optimizer_can_ski
     assert not defer_guard(t, fused, cpu, None)  # a sync is free on a CPU
     assert not defer_guard(t, plain, gpu, None)  # cannot skip its own update
     assert not defer_guard(t, fused, gpu, object())  # loss scaling: the GradScaler's own path
-    assert not defer_guard(apply(Config(), {"train.grad_clip": 1.0}).train, fused, gpu, None)
-    assert not defer_guard(apply(Config(), {"train.skip_threshold": 1.0}).train, fused, gpu, None)
+    assert not defer_guard(apply(Config(), {"optim.grad_clip": 1.0}).optim, fused, gpu, None)
+    assert not defer_guard(apply(Config(), {"optim.skip_threshold": 1.0}).optim, fused, gpu, None)
 
 
 def _nan_at_calls(monkeypatch, bad_calls) -> None:
     """The training objective (value and logged terms) turns NaN at the given calls (1-based)."""
-    import hvae.train as tr
+    real, calls = ElboObjective.__call__, {"n": 0}
 
-    real, calls = tr.training_objective, {"n": 0}
-
-    def flaky(model, x, spec):
-        obj, terms = real(model, x, spec)
+    def flaky(self, model, x, kl_weight):
+        obj, terms = real(self, model, x, kl_weight)
         calls["n"] += 1
         if calls["n"] in bad_calls:
             return obj * float("nan"), type(terms)(*(term * float("nan") for term in terms))
         return obj, terms
 
-    monkeypatch.setattr(tr, "training_objective", flaky)
+    monkeypatch.setattr(ElboObjective, "__call__", flaky)
 
 
 def _without_timers(run: Path) -> list[dict]:
@@ -185,14 +177,14 @@ def _without_timers(run: Path) -> list[dict]:
 def test_deferred_guard_trains_bit_for_bit_like_the_synced_one(idx_dir, tmp_path, monkeypatch, bad_calls):
     """The device-side guard (used off CPU; forced here) skips the same steps as the host-side one: the same
     weights, EMA, Adam state, counters and logged metrics, with and without non-finite steps."""
-    import hvae.train as tr
+    import hvae.optim as tr
 
     runs = {}
     for deferred in (False, True):
         monkeypatch.setattr(tr, "defer_guard", lambda *args, d=deferred: d)
         _nan_at_calls(monkeypatch, bad_calls)
         runs[deferred] = tmp_path / f"deferred-{deferred}"
-        train(tiny_cfg(idx_dir, **{"train.ema": 0.9, "train.log_every": 5}), runs[deferred], progress=False)
+        fit(tiny_cfg(idx_dir, **{"optim.ema": 0.9, "train.log_every": 5}), runs[deferred], progress=False)
     synced, deferred = (ckpt.checkpoint_dir(runs[d]) for d in (False, True))
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(synced / name), load_file(deferred / name)
@@ -205,16 +197,16 @@ def test_deferred_guard_trains_bit_for_bit_like_the_synced_one(idx_dir, tmp_path
 
 
 def test_deferred_guard_stops_on_persistent_nonfinite_and_keeps_the_good_checkpoint(idx_dir, tmp_path, monkeypatch):
-    import hvae.train as tr
+    import hvae.optim as tr
 
     run = tmp_path / "run"
-    train(tiny_cfg(idx_dir, **{"train.epochs": 1}), run, progress=False)
+    fit(tiny_cfg(idx_dir, **{"train.epochs": 1}), run, progress=False)
     good = {k: v.clone() for k, v in final_weights(run).items()}
     monkeypatch.setattr(tr, "defer_guard", lambda *args: True)
     _nan_at_calls(monkeypatch, range(1, 10**6))
     # resumed at step 8: steps 9.. are bad; the verdicts are read at logging steps, so the stop comes at step 15
     with pytest.raises(TrainingError, match="7 non-finite losses/gradients in a row by step 15"):
-        train(tiny_cfg(idx_dir, **{"train.epochs": 3, "train.max_nonfinite": 4, "train.log_every": 5}), run,
+        fit(tiny_cfg(idx_dir, **{"train.epochs": 3, "optim.max_nonfinite": 4, "train.log_every": 5}), run,
               resume=True, progress=False)
     after = final_weights(run)
     assert all(torch.equal(good[k], after[k]) for k in good)
@@ -227,11 +219,11 @@ def _epoch_records(run: Path) -> list[dict]:
 def test_resume_continues_a_run_of_skipped_updates_exactly(idx_dir, tmp_path):
     """The guard's in-a-row counts travel in the checkpoint: the skip/clip cadence, and so the weights, of a resumed
     run equal an uninterrupted one's."""
-    extra = {"train.skip_threshold": 1e-9, "train.max_skips": 2}
+    extra = {"optim.skip_threshold": 1e-9, "optim.max_skips": 2}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(tiny_cfg(idx_dir, **extra), straight, progress=False)
-    train(tiny_cfg(idx_dir, **extra, **{"train.epochs": 1}), resumed, progress=False)
-    train(tiny_cfg(idx_dir, **extra), resumed, resume=True, progress=False)
+    fit(tiny_cfg(idx_dir, **extra), straight, progress=False)
+    fit(tiny_cfg(idx_dir, **extra, **{"train.epochs": 1}), resumed, progress=False)
+    fit(tiny_cfg(idx_dir, **extra), resumed, resume=True, progress=False)
     a, b = (ckpt.load_state(ckpt.checkpoint_dir(r)) for r in (straight, resumed))
     assert a["counters"] == b["counters"] and a["counters"]["clipped_after_skips"] == 5
     w_a, w_b = final_weights(straight), final_weights(resumed)
@@ -242,11 +234,11 @@ def test_crash_at_an_epoch_end_then_resume_keeps_every_epoch_record_and_mean(idx
     """checkpoint_every falls on the epoch's last step (6 steps, every 3) and the run dies in that epoch's
     validation: the resumed run (from step 3, mid-epoch) still writes epoch 1's record, with the whole epoch's
     means, equal to an uninterrupted run's."""
-    import hvae.train as tr
+    import hvae.loop as tr
 
     extra = {"data.validation": 64, "train.checkpoint_every": 3}  # 192 training images: 6 steps of 32
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    train(tiny_cfg(idx_dir, **extra), straight, progress=False)
+    fit(tiny_cfg(idx_dir, **extra), straight, progress=False)
     real = tr.validation_elbo
 
     def dies_once(*args, **kwargs):
@@ -255,9 +247,9 @@ def test_crash_at_an_epoch_end_then_resume_keeps_every_epoch_record_and_mean(idx
 
     monkeypatch.setattr(tr, "validation_elbo", dies_once)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_cfg(idx_dir, **extra), crashed, progress=False)
+        fit(tiny_cfg(idx_dir, **extra), crashed, progress=False)
     assert ckpt.load_state(ckpt.checkpoint_dir(crashed))["step"] == 3
-    train(tiny_cfg(idx_dir, **extra), crashed, resume=True, progress=False)
+    fit(tiny_cfg(idx_dir, **extra), crashed, resume=True, progress=False)
     assert [r["epoch"] for r in _epoch_records(crashed)] == [1, 2]
     assert _epoch_records(crashed) == _epoch_records(straight)
     w_a, w_b = final_weights(straight), final_weights(crashed)
@@ -266,8 +258,8 @@ def test_crash_at_an_epoch_end_then_resume_keeps_every_epoch_record_and_mean(idx
 
 def test_resume_keeps_the_original_provenance_and_appends_its_own(idx_dir, tmp_path):
     run = tmp_path / "run"
-    train(tiny_cfg(idx_dir, **{"train.epochs": 1}), run, argv=["hvae", "train", "--lr", "0.002"], progress=False)
-    train(tiny_cfg(idx_dir), run, resume=True, argv=["hvae", "train", "--resume", str(run)], progress=False)
+    fit(tiny_cfg(idx_dir, **{"train.epochs": 1}), run, argv=["hvae", "train", "--lr", "0.002"], progress=False)
+    fit(tiny_cfg(idx_dir), run, resume=True, argv=["hvae", "train", "--resume", str(run)], progress=False)
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["command"] == ["hvae", "train", "--lr", "0.002"] and "started" in prov
     assert [r["command"] for r in prov["resumes"]] == [["hvae", "train", "--resume", str(run)]]
@@ -390,7 +382,7 @@ def test_checkpoint_state_round_trip_is_exact(tmp_path):
 def test_loss_scaling_overflows_lower_the_scale_and_training_recovers(idx_dir, tmp_path, monkeypatch):
     """16-mixed scales the loss with a GradScaler (on a GPU; forced here on CPU): the guard sees the unscaled
     gradients, and a skipped overflow step still lowers the scale, so training recovers instead of stopping."""
-    import hvae.train as tr
+    import hvae.loop as tr
     from lightning_fabric import Fabric
     from lightning_fabric.plugins import MixedPrecision
 
@@ -403,7 +395,7 @@ def test_loss_scaling_overflows_lower_the_scale_and_training_recovers(idx_dir, t
 
     monkeypatch.setattr(tr, "Fabric", fabric_with_scaler)
     run = tmp_path / "run"
-    train(tiny_cfg(idx_dir, **{"train.log_every": 1}), run, progress=False)  # 2 epochs of 8 steps
+    fit(tiny_cfg(idx_dir, **{"train.log_every": 1}), run, progress=False)  # 2 epochs of 8 steps
     nonfinite = ckpt.load_state(ckpt.checkpoint_dir(run))["counters"]["nonfinite"]
     assert 1 <= nonfinite <= 10, nonfinite
     assert scalers[0].get_scale() <= start / 2 ** nonfinite
@@ -413,7 +405,7 @@ def test_loss_scaling_overflows_lower_the_scale_and_training_recovers(idx_dir, t
     # The scale travels in the checkpoint: a resumed run goes on from it, not from the start scale again.
     saved = ckpt.load_state(ckpt.checkpoint_dir(run))["scaler"]
     assert saved["scale"] == scalers[0].get_scale() < start
-    train(tiny_cfg(idx_dir, **{"train.epochs": 3, "train.log_every": 1}), run, resume=True, progress=False)
+    fit(tiny_cfg(idx_dir, **{"train.epochs": 3, "train.log_every": 1}), run, resume=True, progress=False)
     resumed_nonfinite = ckpt.load_state(ckpt.checkpoint_dir(run))["counters"]["nonfinite"]
     # Restarting from the start scale would overflow again as many times as the first run did.
     assert resumed_nonfinite - nonfinite < nonfinite, (nonfinite, resumed_nonfinite)
@@ -421,7 +413,7 @@ def test_loss_scaling_overflows_lower_the_scale_and_training_recovers(idx_dir, t
 
 def test_rng_state_from_another_kind_of_device_starts_fresh_streams_with_a_note(capsys):
     """A checkpoint written on a GPU (its data stream a CUDA generator's) resumed on a CPU: no crash, a note."""
-    from hvae.train import rng_state, set_rng_state
+    from hvae.state import rng_state, set_rng_state
 
     gen = torch.Generator().manual_seed(7)
     state = rng_state(gen, torch.device("cpu"))
@@ -461,15 +453,13 @@ def test_provenance_names_a_git_commit_only_for_hvaes_own_source_tree(tmp_path, 
 
 
 def test_kl_warm_up_ramps_beta_linearly_then_holds_it():
-    from hvae.train import kl_weight
-
-    cfg = apply(Config(), {"train.warmup_epochs": 2, "train.beta": 0.5})
-    assert [kl_weight(cfg, step, 10) for step in (0, 5, 10, 15, 20, 35)] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]
-    assert kl_weight(apply(Config(), {"train.beta": 0.7}), 0, 10) == 0.7  # no warm-up: beta from the start
+    objective = apply(Config(), {"objective.warmup_epochs": 2, "objective.beta": 0.5}).objective
+    assert [objective.kl_weight(step, 10) for step in (0, 5, 10, 15, 20, 35)] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]
+    assert apply(Config(), {"objective.beta": 0.7}).objective.kl_weight(0, 10) == 0.7  # no warm-up: beta from the start
 
 
 def test_ema_moves_the_average_by_one_minus_decay_and_a_skipped_update_leaves_it():
-    from hvae.train import EMA
+    from hvae.optim import EMA
 
     model = torch.nn.Linear(2, 1)
     with torch.no_grad():

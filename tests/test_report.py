@@ -164,7 +164,7 @@ def test_config_values_are_shown_exactly_not_rounded(tmp_path):
     from hvae.config import Config, apply
     from hvae.report import _config_section
 
-    cfg = apply(Config(), {"train.lr": 3e-5, "train.ema": 0.99995, "train.free_bits": 1e-5})
+    cfg = apply(Config(), {"optim.lr": 3e-5, "optim.ema": 0.99995, "objective.free_bits": 1e-5})
     page = _config_section(cfg, tmp_path)
     for shown in ("<td>lr</td><td>3e-05</td>", "<td>ema</td><td>0.99995</td>", "<td>free_bits</td><td>1e-05</td>"):
         assert shown in page

@@ -150,8 +150,16 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     return unflatten_state(meta["state"], load_tensors(ckpt / "state.safetensors"))
 
 
+def upgrade_weights(model: torch.nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Weights saved under an older layout of the model's modules, under today's names (the model's `legacy_key`
+    maps an old name to the new one; models without one keep their names)."""
+    rename = getattr(model, "legacy_key", None)
+    return weights if rename is None else {rename(k): v for k, v in weights.items()}
+
+
 def load_weights_into(model: torch.nn.Module, weights: dict[str, Tensor], source: Path) -> None:
     """Load weights strictly; a mismatch names the first differing key and says the config does not match."""
+    weights = upgrade_weights(model, weights)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     bad_shape = [k for k in own if k in weights and own[k].shape != weights[k].shape]
@@ -160,6 +168,35 @@ def load_weights_into(model: torch.nn.Module, weights: dict[str, Tensor], source
                 else f"shape of {bad_shape[0]} {tuple(weights[bad_shape[0]].shape)} vs {tuple(own[bad_shape[0]].shape)}")
         raise CheckpointError(f"{source} does not fit this model ({what}); it comes from another model or config")
     model.load_state_dict(weights)
+
+
+def optimizer_state_for(model: torch.nn.Module, saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved optimizer state, ordered as model.parameters() is today. An optimizer's state is indexed by the
+    order of the parameters it was given: checkpoints name them (`param_names`); older ones were written in the
+    order of the model's older layout, which the model states (`legacy_parameter_order`) where it has changed."""
+    state = saved["optimizer"]
+    names = saved.get("param_names")
+    if names is None and hasattr(model, "legacy_parameter_order"):
+        names = model.legacy_parameter_order()
+    if names is None:
+        return state
+    now = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    if sorted(now) != sorted(names) or len(state["param_groups"]) != 1:
+        raise CheckpointError("the checkpoint's optimizer state does not fit this model's parameters; it comes from "
+                              "another model or config")
+    old_to_new = {i: now[n] for i, n in enumerate(names)}
+    group = dict(state["param_groups"][0], params=sorted(old_to_new[i] for i in state["param_groups"][0]["params"]))
+    return {"state": {old_to_new[i]: v for i, v in state["state"].items()}, "param_groups": [group]}
+
+
+def read_config(run_dir: Path):
+    """The Config of a run directory (config.json, in today's layout or an older one)."""
+    from .config import ConfigError, from_dict
+
+    try:
+        return from_dict(read_json(Path(run_dir) / "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(f"{run_dir}/config.json does not match this hvae ({e})") from None
 
 
 def load_foreign_weights(path: Path) -> dict[str, Tensor]:
@@ -178,20 +215,16 @@ def load_foreign_weights(path: Path) -> dict[str, Tensor]:
 
 def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = True) -> torch.nn.Module:
     """The trained model of a run directory, in eval mode; the EMA weights when the run has them (and ema)."""
-    from .config import ConfigError, from_dict
-    from .models import build_checked
+    from .models import build_model
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist; pass the --out folder of hvae train")
-    try:
-        cfg = from_dict(read_json(run_dir / "config.json"))
-    except ConfigError as e:
-        raise CheckpointError(f"{run_dir}/config.json does not match this hvae ({e})") from None
+    cfg = read_config(run_dir)
     last = checkpoint_dir(run_dir)
     state = load_state(last)
     try:
-        model = build_checked(cfg.model, state["data_shape"])
+        model = build_model(cfg.model, state["data_shape"])
     except ValueError as e:
         raise CheckpointError(f"{run_dir}/config.json: {e}; the file was edited or is damaged") from None
     source = last / ("ema.safetensors" if ema and (last / "ema.safetensors").exists() else "model.safetensors")

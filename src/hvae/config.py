@@ -17,69 +17,89 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-
-
-@dataclass
-class ModelConfig:
-    name: str = "vae"  # vae | mhvae | ladder
-    arch: str = "mlp"  # mlp | conv
-    latent_dim: int = 32
-    hidden: list[int] = field(default_factory=lambda: [512, 256])
-    conv_channels: list[int] = field(default_factory=lambda: [32, 64])
-    likelihood: str = "bernoulli"  # bernoulli | gaussian | gaussian-learned | logistic
-    activation: str = "relu"
-    variance: str = "clamp"  # clamp | softplus
-    # Hierarchical models (mhvae, ladder); level 1 is nearest x.
-    levels: int = 2  # T, the number of latent levels
-    latent_dims: list[int] = field(default_factory=list)  # D_1..D_T; empty: latent_dim at every level
-    level_hidden: list[int] = field(default_factory=lambda: [256])  # widths of each level's small MLPs
-    posterior: str = "residual"  # ladder: residual | precision | independent
-    skip: bool = False  # ladder: the likelihood sees every level's z, not only z_1
-    norm: str = "none"  # none | layer | batch, in the hierarchical models' level MLPs
+from .models import MODELS, VAEConfig
+from .objectives import OBJECTIVES, ElboObjective
+from .schema import check_section, option
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion-mnist"  # fashion-mnist | mnist | PATH.npz | PATH.npy
-    data_dir: str | None = None
-    validation: int = 0  # training images held out (seeded) for model selection
+    """`data`: which images."""
+
+    dataset: str = option("fashion-mnist", help="fashion-mnist | mnist | PATH.npz | PATH.npy")
+    data_dir: str | None = option(None, help="folder holding the IDX files")
+    validation: int = option(0, ge=0, help="training images held out (seeded) for model selection")
+
+
+@dataclass
+class OptimConfig:
+    """`optim`: how a gradient becomes an update: the optimizer, the update guard, the weight average."""
+
+    optimizer: str = option("adam", choices=("adam", "adamax"))
+    lr: float = option(1e-3, gt=0)
+    ema: float = option(0.0, ge=0, lt=1, help="EMA decay of the weights used for evaluation (0: off)")
+    grad_clip: float = option(0.0, ge=0, help="clip the gradient norm to this (0: off)")
+    skip_threshold: float = option(0.0, ge=0, help="skip updates whose gradient norm exceeds this (0: off)")
+    max_skips: int = option(10, ge=0, help="after this many skips in a row, clip instead of skipping")
+    max_nonfinite: int = option(20, ge=1, help="stop after this many non-finite losses/gradients in a row")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 128  # global batch, split across devices
-    lr: float = 1e-3
-    optimizer: str = "adam"  # adam | adamax
-    seed: int = 0
-    beta: float = 1.0
-    warmup_epochs: float = 0.0  # KL warm-up: beta ramps linearly from 0 over this many epochs
-    free_bits: float = 0.0  # nats per level, on batch means
-    n_samples: int = 1  # L Monte Carlo samples for the reconstruction term
-    iw_k: int = 1  # IWAE training objective with k samples (1 = ELBO)
-    analytic_kl: bool = True
-    grad_clip: float = 0.0  # clip the gradient norm to this (0: off)
-    skip_threshold: float = 0.0  # skip updates whose gradient norm exceeds this (0: off)
-    max_skips: int = 10  # after this many skips in a row, clip instead of skipping
-    max_nonfinite: int = 20  # stop after this many non-finite losses/gradients in a row
-    ema: float = 0.0  # EMA decay of the weights used for evaluation (0: off)
-    compile: bool = False  # torch.compile the training step
-    checkpoint_every: int = 0  # steps between checkpoints (0: each epoch end only)
-    log_every: int = 50  # steps between metric lines
-    accelerator: str = "auto"
-    devices: int = 1  # processes (devices) per machine
-    num_nodes: int = 1  # machines, for multi-node DDP (each launched with torchrun or Fabric's environment)
-    strategy: str = "auto"
-    precision: str = "32-true"
-    tensorboard: bool = False
-    threads: int = 0  # torch CPU threads (0: PyTorch's default)
+    """`train`: the run: how long, in what batches, from which seed, and what it writes on the way."""
+
+    epochs: int = option(20, ge=1)
+    batch_size: int = option(128, ge=1, help="global batch, split across devices")
+    seed: int = option(0, ge=0, lt=2**32)
+    checkpoint_every: int = option(0, ge=0, help="steps between checkpoints (0: each epoch end only)")
+    log_every: int = option(50, ge=1, help="steps between metric lines")
+    tensorboard: bool = option(False, help="also write TensorBoard events (pip install 'hvae[tensorboard]')")
+
+
+# Why a fixed list: the accelerators hvae runs on; whether this machine has one is checked when training starts.
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+# Why: the "-true" half precisions would cast the weights but not the held-out data the loop scores itself.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "32", "bf16", "16")  # the last three: Fabric's short names
+
+
+@dataclass
+class RuntimeConfig:
+    """`runtime`: where and how fast; none of it changes the mathematics of the run."""
+
+    accelerator: str = option("auto", choices=ACCELERATORS)
+    devices: int = option(1, ge=1, help="processes (devices) per machine")
+    num_nodes: int = option(1, ge=1, help="machines, for multi-node DDP (launched with torchrun or Fabric's environment)")
+    strategy: str = option("auto", help="auto | ddp | ... (Fabric's strategies; checked when training starts)")
+    precision: str = option("32-true", choices=PRECISIONS)
+    threads: int = option(0, ge=0, le=1024, help="torch CPU threads (0: PyTorch's default)")
+    compile: bool = option(False, help="torch.compile the training step")
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    """The whole configuration. `model` and `objective` are the config classes of the model and objective named by
+    their `name` key (models.MODELS, objectives.OBJECTIVES): each declares only the settings it uses."""
+
+    model: Any = field(default_factory=VAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: Any = field(default_factory=ElboObjective)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+NAMED = {"model": MODELS, "objective": OBJECTIVES}  # sections whose fields depend on their `name`
+
+# Keys of the layout before the model/objective/optim/runtime sections (config.json of older runs, presets):
+# read at their new place.
+LEGACY = {**{f"train.{k}": f"optim.{k}" for k in ("optimizer", "lr", "ema", "grad_clip", "skip_threshold",
+                                                 "max_skips", "max_nonfinite")},
+          **{f"train.{k}": f"objective.{k}" for k in ("beta", "warmup_epochs", "free_bits", "n_samples", "analytic_kl")},
+          **{f"train.{k}": f"runtime.{k}" for k in ("accelerator", "devices", "num_nodes", "strategy", "precision",
+                                                   "threads", "compile")}}
+# The one flat model section of older runs held every model's keys; each model now declares its own.
+LEGACY_MODEL_KEYS = ("arch", "latent_dim", "hidden", "conv_channels", "likelihood", "activation", "variance", "levels",
+                     "latent_dims", "level_hidden", "posterior", "skip", "norm")
 
 
 def _fields(obj) -> dict[str, dataclasses.Field]:
@@ -87,8 +107,13 @@ def _fields(obj) -> dict[str, dataclasses.Field]:
 
 
 def all_keys(cfg: Config | None = None) -> list[str]:
+    """Every dotted key of cfg (its model's and objective's own keys, with their `name`)."""
     cfg = cfg or Config()
-    return [f"{section}.{name}" for section in _fields(cfg) for name in _fields(getattr(cfg, section))]
+    keys = []
+    for section in _fields(cfg):
+        keys += [f"{section}.name"] if section in NAMED else []
+        keys += [f"{section}.{name}" for name in _fields(getattr(cfg, section))]
+    return keys
 
 
 def _unknown(key: Any, valid: list[str]) -> ConfigError:
@@ -97,7 +122,8 @@ def _unknown(key: Any, valid: list[str]) -> ConfigError:
     in_section = [k for k in valid if k.startswith(key + ".")]
     if in_section:
         return ConfigError(f"{key!r} is a section, not a key; set one of its keys, e.g. {in_section[0]!r}")
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    named = [*valid, *LEGACY]  # an older key's misspelling: the closest is its new place
+    close = [LEGACY.get(m, m) for m in difflib.get_close_matches(key, named, n=1, cutoff=0.5)]
     if not close:
         leaves = {k.split(".", 1)[1]: k for k in valid}
         close = [leaves[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.6)]
@@ -122,27 +148,97 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value) if abs(value) < 1e308 else math.inf  # float() of a huge int raises
             if not math.isfinite(number):
-                raise ConfigError(f"config key {key!r} must be a finite number; got {value!r}")
+                raise ConfigError(f"config key '{key}' must be a finite number; got {value!r}")
             return number
         if hint is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if hint in (bool, str) and type(value) is hint:
             return value
     names = " or ".join(getattr(h, "__name__", str(h)) for h in hints)
-    raise ConfigError(f"config key {key!r} must be {names}; got {value!r}")
+    raise ConfigError(f"config key '{key}' must be {names}; got {value!r}")
 
 
-def apply(cfg: Config, updates: dict[str, Any]) -> Config:
-    """Set dotted keys ('train.lr': 3e-4) on a copy of cfg, strictly."""
+def _translate(updates: dict[str, Any], legacy: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    """Older keys at their new place (LEGACY; train.iw_k = k > 1 is objective iwae with k). -> (updates, new key ->
+    the key as given, for messages). `legacy` (a config.json of an older run): its settings that did not apply to
+    its model or objective (the flat layout held them all) are dropped instead of refused."""
+    out, given = {}, {}
+    for key, value in updates.items():
+        if key == "train.iw_k":
+            k = _coerce(key, value, int)
+            if k < 1:
+                raise ConfigError(f"train.iw_k must be >= 1; got {k} (it is now objective.name=iwae with objective.k)")
+            if k > 1:
+                out["objective.name"], out["objective.k"] = "iwae", k
+                given["objective.k"] = key
+            continue
+        new = LEGACY.get(key, key)
+        out[new] = value
+        if new != key:
+            given[new] = key
+    if legacy:
+        model = MODELS.get(out.get("model.name", Config().model.name))
+        objective = OBJECTIVES.get(out.get("objective.name", Config().objective.name))
+        for key in list(out):
+            section, _, name = str(key).partition(".")
+            unused = (section == "model" and model and name in LEGACY_MODEL_KEYS and name not in _fields(model)) or \
+                (section == "objective" and objective and key in given and name not in _fields(objective))
+            if unused:
+                del out[key]
+    return out, given
+
+
+def _switch(cfg: Config, section: str, updates: dict[str, Any]) -> None:
+    """Set a named section (model, objective) to the defaults of the class `<section>.name` picks, when it changes."""
+    key = f"{section}.name"
+    if key not in updates:
+        return
+    name, registry = _coerce(key, updates.pop(key), str), NAMED[section]
+    if name not in registry:
+        raise ConfigError(f"unknown {key} {name!r}; choose one of {', '.join(registry)}")
+    if name != getattr(cfg, section).name:
+        setattr(cfg, section, registry[name]())
+
+
+def _not_for(key: str, cfg: Config) -> ConfigError | None:
+    """A key that belongs to another model or objective than the one chosen: say so, and whose it is."""
+    section, _, name = key.partition(".")
+    if section not in NAMED:
+        return None
+    owners = [n for n, c in NAMED[section].items() if name in _fields(c)]
+    if not owners:
+        return None
+    chosen = getattr(cfg, section).name
+    return ConfigError(f"{key} does not apply to {section} {chosen!r} (it is a setting of {', '.join(owners)}); "
+                       f"remove it, or set {section}.name")
+
+
+def apply(cfg: Config, updates: dict[str, Any], legacy: bool = False) -> Config:
+    """Set dotted keys ('optim.lr': 3e-4) on a copy of cfg, strictly, then check every range (validate).
+
+    'model.name' / 'objective.name' switch that section to the named class's defaults first (when it changes),
+    so the other keys are checked against the chosen model's and objective's own settings. Keys of the older
+    layout ('train.lr') are read at their new place."""
     cfg = copy.deepcopy(cfg)  # no list shared between the input and the result
+    updates, given = _translate(updates, legacy)
+    for section in NAMED:
+        _switch(cfg, section, updates)
     valid = all_keys(cfg)
-    type_hints = {s: typing.get_type_hints(type(getattr(cfg, s))) for s in _fields(cfg)}
     for key, value in updates.items():
         if key not in valid:
-            raise _unknown(key, valid)
+            raise _not_for(str(key), cfg) or _unknown(given.get(key, key), valid)
         section, name = key.split(".")
-        setattr(getattr(cfg, section), name, _coerce(key, value, type_hints[section][name]))
+        hints = typing.get_type_hints(type(getattr(cfg, section)))
+        shown = f"{key}' (given as '{given[key]}" if key in given else key
+        setattr(getattr(cfg, section), name, _coerce(shown, value, hints[name]))
+    validate(cfg)
     return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Every section's declared ranges (schema.option) and its rules between fields; ConfigError names the key."""
+    for section in _fields(cfg):
+        check_section(getattr(cfg, section), section)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -224,11 +320,28 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Sections as plain dicts (what config.json holds); the named sections lead with their name."""
+    tree = {}
+    for section in _fields(cfg):
+        value = getattr(cfg, section)
+        tree[section] = ({"name": value.name} if section in NAMED else {}) | dataclasses.asdict(value)
+    return tree
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a Config from to_dict output (e.g. a run's config.json), strictly."""
+    """Rebuild a Config from to_dict output (e.g. a run's config.json), strictly. A config.json of an older run
+    (no `objective` section) is read in its own layout: see _translate."""
     if not isinstance(tree, dict):
-        raise ConfigError(f"a config must be a mapping of sections (model/data/train); got {type(tree).__name__}")
-    return apply(Config(), flatten(tree))
+        raise ConfigError(f"a config must be a mapping of sections (model/data/objective/...); got {type(tree).__name__}")
+    return apply(Config(), flatten(tree), legacy="objective" not in tree)
+
+
+def resolve(presets: list[str | Path], flags: dict[str, Any], sets: list[str]) -> Config:
+    """The config of a new run: the defaults, then YAML presets in order (later ones win, key by key), then named
+    options (e.g. the CLI's --epochs; None: not given), then `section.key=value` items."""
+    updates: dict[str, Any] = {}
+    for preset in presets:
+        updates.update(load_yaml(preset))
+    updates.update({k: v for k, v in flags.items() if v is not None})
+    updates.update(parse_set(sets))
+    return apply(Config(), updates)

@@ -1,8 +1,15 @@
-"""Dataset-level metrics: ELBO terms, IW-NLL (chunked over k), bits/dim, active units, KL per level."""
+"""Dataset-level metrics, one family per capability of the model (see `capabilities`).
+
+Explicit levels (protocol.LatentVariableModel): ELBO terms (eq. 8, one sample), IW-NLL = -L_k (chunked over k),
+bits/dim of it, active units, KL per level, collapsed levels.
+Stochastic bound (protocol.StochasticBoundModel, e.g. VDM): the mean over R passes of one draw per image of the
+bound's terms, and the standard error of the mean ELBO over the R pass means.
+"""
 
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from typing import Any
@@ -11,12 +18,19 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .errors import ConfigError
 from .objectives import bits_per_dim, elbo_terms, iw_bound, log_importance_weights
+from .protocol import BoundTerms, LatentVariableModel, StochasticBoundModel
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al.: a unit is active when Cov_x(E_q[z_u]) > 0.01
 COLLAPSE_NATS = 0.01  # a level whose mean KL is below this carries no information about x
 AU_SAMPLES = 16  # draws of the other levels per image, for E_q[z_t | x] of a level whose q depends on them
 
+EXPLICIT_LEVELS, STOCHASTIC_BOUND = "explicit_levels", "stochastic_bound"  # the capabilities evaluate knows
+# Every key evaluate may return: a stochastic bound's extra terms may not take one of these names.
+RESULT_KEYS = frozenset({"elbo", "elbo_se", "passes", "reconstruction", "kl", "iw_nll", "k", "n_images",
+                         "bits_per_dim", "active_units", "kl_per_level", "active_units_per_level",
+                         "collapsed_levels", "seconds"})
 
 TENSOR_BYTES = 8 << 20  # largest activation per decoder call
 
@@ -76,19 +90,50 @@ def unit_variances(moments: list[tuple[Tensor, Tensor]], n: int) -> list[Tensor]
     return [s2 / n - (s1 / n) ** 2 for s1, s2 in moments]
 
 
+def capabilities(model) -> frozenset[str]:
+    """What evaluate can measure on `model`: EXPLICIT_LEVELS where it is a protocol.LatentVariableModel (infer,
+    decode, ...), STOCHASTIC_BOUND where it is a protocol.StochasticBoundModel (stochastic_bound); either, both or
+    neither.
+
+    A model narrows this with a class attribute `eval_capabilities` (a set of these names), e.g. a diffusion model
+    whose `infer` serves pictures but whose many levels make an IW bound too dear; it cannot claim one whose
+    methods it lacks.
+    """
+    found = frozenset(name for name, protocol in ((EXPLICIT_LEVELS, LatentVariableModel),
+                                                  (STOCHASTIC_BOUND, StochasticBoundModel))
+                      if isinstance(model, protocol))
+    declared = getattr(model, "eval_capabilities", None)
+    if declared is None:
+        return found
+    if not frozenset(declared) <= found:
+        raise TypeError(f"{type(model).__name__}.eval_capabilities claims {sorted(frozenset(declared) - found)}, "
+                        f"but the model has the methods of only {sorted(found)}")
+    return frozenset(declared)
+
+
+def _check_at_least(name: str, value: int, minimum: int, why: str = "") -> None:
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}{why}; got {value}")
+
+
+def _check_batches(x: Tensor, batch_size: int) -> None:
+    _check_at_least("batch_size", batch_size, 1)
+    _check_at_least("the number of images in x", len(x), 1)
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, x: Tensor, k: int = 1000, batch_size: int = 100,
-             device: str | torch.device = "cpu", progress: bool = True, seed: int = 0,
-             chunk_bytes: int = TENSOR_BYTES) -> dict[str, Any]:
-    """Means over the images x [N, *data] (already in the likelihood's input space), nats unless named.
+def evaluate_levels(model: LatentVariableModel, x: Tensor, k: int = 1000, batch_size: int = 100,
+                    device: str | torch.device = "cpu", progress: bool = True, seed: int = 0,
+                    chunk_bytes: int = TENSOR_BYTES) -> dict[str, Any]:
+    """The explicit-level metrics, means over the images x [N, *data] (in the likelihood's input space), nats.
 
     elbo = reconstruction - kl (1 sample, closed-form KL where allowed); iw_nll = -L_k; bits_per_dim of
     iw_nll; active units from the variance over x of each level's posterior mean (posterior_mean_moments); a level
     is collapsed when its mean KL is below COLLAPSE_NATS, or, where its rate is a Monte Carlo log-ratio (which may
-    be negative), when none of its units is active.
+    be negative), when none of its units is active. Seeds torch's global RNG with `seed` first.
     """
-    if k < 1:
-        raise ValueError(f"--k must be >= 1; got {k}")
+    _check_at_least("k", k, 1)
+    _check_batches(x, batch_size)
     model.eval()
     torch.manual_seed(seed)
     n, n_dims = len(x), math.prod(x.shape[1:])
@@ -98,7 +143,6 @@ def evaluate(model: nn.Module, x: Tensor, k: int = 1000, batch_size: int = 100,
     moments: list[tuple[Tensor, Tensor]] | None = None  # per level, over images: see posterior_mean_moments
     analytic: list[bool] = []
     device = torch.device(device)
-    start = time.perf_counter()
     for lo in tqdm(range(0, n, batch_size), desc=f"eval k={k}", file=sys.stderr, disable=not progress, leave=False):
         xb = x[lo:lo + batch_size].to(device)
         trace = model.infer(xb, 1)
@@ -120,5 +164,87 @@ def evaluate(model: nn.Module, x: Tensor, k: int = 1000, batch_size: int = 100,
         "kl_per_level": kl_per_level, "active_units_per_level": active,
         "collapsed_levels": [t + 1 for t, kl_t in enumerate(kl_per_level)
                              if (kl_t < COLLAPSE_NATS if analytic[t] else active[t] == 0)],
-        "seconds": time.perf_counter() - start,
     }
+
+
+def _named_terms(terms: BoundTerms, batch: int) -> dict[str, Tensor]:
+    """reconstruction, kl, elbo and the extra terms of one draw by name, each checked to be [B]."""
+    clash = sorted(RESULT_KEYS & set(terms.extra))
+    if clash:
+        raise ValueError(f"stochastic_bound's extra terms may not be named {clash}: evaluate reports those keys")
+    named = {"reconstruction": terms.reconstruction, "kl": terms.kl, "elbo": terms.elbo, **terms.extra}
+    for name, term in named.items():
+        if term.shape != (batch,):
+            raise ValueError(f"stochastic_bound's {name} must be per example, [{batch}]; got {list(term.shape)}")
+    return named
+
+
+@torch.inference_mode()
+def evaluate_stochastic_bound(model: StochasticBoundModel, x: Tensor, passes: int = 10, batch_size: int = 100,
+                              device: str | torch.device = "cpu", progress: bool = True,
+                              seed: int = 0) -> dict[str, Any]:
+    """E[elbo] of a stochastic bound over images x [N, *data]: each of `passes` = R passes draws
+    model.stochastic_bound once per image (for VDM one (t, eps)); every term is the mean over the R N draws, nats.
+
+    elbo_se = sd(m_1..m_R) / sqrt(R), m_r the mean ELBO of pass r: the Monte Carlo standard error of elbo for these
+    images (the spread of the test set itself is not in it). reconstruction, kl and the model's extra terms
+    (VDM: prior_kl, diffusion) are averaged the same way; bits_per_dim = -elbo / (D ln 2), no +8 (the likelihood
+    is discrete). Seeds torch's global RNG with `seed` first.
+    """
+    _check_at_least("passes", passes, 2, " (the standard error needs two pass means)")
+    _check_batches(x, batch_size)
+    model.eval()
+    torch.manual_seed(seed)
+    n, n_dims, device = len(x), math.prod(x.shape[1:]), torch.device(device)
+    pass_sums: list[dict[str, float]] = []  # per pass: each term summed over the images, float64
+    with tqdm(total=passes * math.ceil(n / batch_size), desc=f"eval bound passes={passes}", file=sys.stderr,
+              disable=not progress, leave=False) as bar:
+        for _ in range(passes):
+            sums: dict[str, float] = {}
+            for lo in range(0, n, batch_size):
+                xb = x[lo:lo + batch_size].to(device)
+                for name, term in _named_terms(model.stochastic_bound(xb), len(xb)).items():
+                    sums[name] = sums.get(name, 0.0) + term.sum(dtype=torch.float64).item()
+                bar.update()
+            if pass_sums and sums.keys() != pass_sums[0].keys():
+                raise ValueError(f"stochastic_bound's terms changed between calls: {sorted(pass_sums[0])} "
+                                 f"then {sorted(sums)}")
+            pass_sums.append(sums)
+    mean = {name: sum(s[name] for s in pass_sums) / (passes * n) for name in pass_sums[0]}
+    extra = {name: value for name, value in mean.items() if name not in ("elbo", "reconstruction", "kl")}
+    return {
+        "elbo": mean["elbo"], "elbo_se": statistics.stdev(s["elbo"] / n for s in pass_sums) / math.sqrt(passes),
+        "passes": passes, "reconstruction": mean["reconstruction"], "kl": mean["kl"], **extra, "n_images": n,
+        "bits_per_dim": bits_per_dim(-mean["elbo"], n_dims),
+    }
+
+
+def evaluate(model: nn.Module, x: Tensor, k: int = 1000, batch_size: int = 100,
+             device: str | torch.device = "cpu", progress: bool = True, seed: int = 0,
+             chunk_bytes: int = TENSOR_BYTES, passes: int = 10) -> dict[str, Any]:
+    """The metrics that apply to `model` (see `capabilities`) over the images x [N, *data], merged; plus seconds.
+
+    Explicit levels: evaluate_levels (k, chunk_bytes). Stochastic bound: evaluate_stochastic_bound (passes). Each
+    family seeds torch's RNG with `seed` itself, so its figures are the same whether or not the other runs.
+    A model with both gets the union of the keys, one name per figure (DESIGN.md, Contracts): elbo, reconstruction
+    and kl are the stochastic bound's, so that elbo_se and the extra terms stand beside the elbo they belong to and
+    kl = the sum of its extra terms (VDM: prior_kl + diffusion); iw_nll, k and bits_per_dim (of iw_nll, the
+    tighter bound) are the IW bound's; the per-level lists come from the one-sample trace, whose own ELBO (of the same
+    bound, for a coherent model) is not reported (sum(kl_per_level) then agrees with kl within Monte Carlo error only).
+    """
+    _check_at_least("k", k, 1)
+    _check_at_least("passes", passes, 2, " (the standard error needs two pass means)")
+    _check_batches(x, batch_size)  # all checked before a long first family runs
+    can = capabilities(model)
+    if not can:
+        raise TypeError(f"{type(model).__name__} offers nothing to evaluate: give it data_shape and infer, decode, "
+                        "sample (protocol.LatentVariableModel) or stochastic_bound (protocol.StochasticBoundModel)")
+    start, result = time.perf_counter(), {}
+    if EXPLICIT_LEVELS in can:
+        result = evaluate_levels(model, x, k, batch_size, device, progress, seed, chunk_bytes)
+    if STOCHASTIC_BOUND in can:
+        bound = evaluate_stochastic_bound(model, x, passes, batch_size, device, progress, seed)
+        if EXPLICIT_LEVELS in can:
+            del bound["bits_per_dim"]  # it stays that of iw_nll
+        result.update(bound)
+    return result | {"seconds": time.perf_counter() - start}

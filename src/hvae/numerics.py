@@ -16,6 +16,7 @@ from torch import Tensor
 LOG_2PI = math.log(2 * math.pi)
 LOG_VAR_MIN = -14.0  # variance >= 8e-7: keeps log q finite when a posterior sharpens
 LOG_VAR_MAX = 10.0
+VARIANCES = ("clamp", "softplus")  # the kinds bounded_log_var knows
 
 
 def sum_event(t: Tensor, event_ndim: int) -> Tensor:

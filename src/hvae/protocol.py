@@ -5,11 +5,16 @@ sample z_t drawn from the posterior q, the prior p that z_t is scored under, and
 KL(q || p) may stand in for the sampled log-ratio at that level. It may, only if p does not depend on
 latents that q samples after z_t: true at every level of top-down (ladder) inference, and only at the
 top level of the write-up's bottom-up Markovian HVAE (eq. 7).
+
+A model with continuously many levels (a diffusion model) cannot list them; it offers instead a
+`StochasticBoundModel.stochastic_bound`: per-example terms of a variational lower bound estimated with one
+random draw (for VDM one (t, eps) per example) at each call. A model may offer both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
@@ -41,7 +46,9 @@ class Trace:
 
 @runtime_checkable
 class LatentVariableModel(Protocol):
-    """What objectives need: infer, decode, sample (and the data shape they work on)."""
+    """A model with explicit latent levels: infer, decode, sample (and the data shape they work on).
+
+    What the ELBO terms (eq. 8), the importance-weighted bound, active units and KL per level need."""
 
     data_shape: tuple[int, ...]
 
@@ -53,3 +60,26 @@ class LatentVariableModel(Protocol):
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """Draw z_T ~ p (std scaled by temperature), decode down the hierarchy; return the mean of p(x|z_1)."""
+
+
+@dataclass(frozen=True)
+class BoundTerms:
+    """One draw of a stochastic lower bound, per example, nats: reconstruction, kl (>= 0 in expectation) and
+    elbo = reconstruction - kl, each [B]; `extra` names the terms that kl splits into, each [B] (for VDM:
+    prior_kl and diffusion, with kl = prior_kl + diffusion)."""
+
+    reconstruction: Tensor
+    kl: Tensor
+    elbo: Tensor
+    extra: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class StochasticBoundModel(Protocol):
+    """What the stochastic-bound metrics need: one unbiased draw of a variational lower bound per call."""
+
+    data_shape: tuple[int, ...]
+
+    def stochastic_bound(self, x: Tensor) -> BoundTerms:
+        """A fresh draw (for VDM one t and one eps per example) of the bound's terms for x [B, *data]: BoundTerms
+        of [B], nats; E[elbo] over the draws is the model's ELBO <= log p(x)."""

@@ -10,13 +10,16 @@ Inference, top-down as well:  q(z_1:T | x) = q(z_T | x) prod_{t<T} q(z_t | z_{>t
       independent  q = N(f(d_t, h_t))
 Because q(z_t | .) and p(z_t | .) condition on the same z_{>t}, sampled before z_t, the closed-form KL is
 valid at every level (STYLE.md); objectives.py takes eq. 8 as log p(x|.) - sum_t KL_t.
+
+Code: one TopDownBlock per level (VDVAE's DecBlock), blocks[t - 1] for level t, looped over from the top.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from enum import Enum
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +29,8 @@ from ..likelihoods import channels_per_pixel, decode_likelihood
 from ..nets import GaussianHead, GaussianMLP, ResidualCell, activation, conv_decoder, conv_encoder, mlp, normed_mlp
 from ..numerics import bounded_log_var
 from ..protocol import Level, Trace
-from .levels import per_level
+from ..schema import option
+from .levels import HierarchyOptions, ModelOptions, per_level
 
 POSTERIORS = ("residual", "precision", "independent")
 
@@ -51,6 +55,62 @@ def precision_merge(bottom_up: DiagonalGaussian, prior: DiagonalGaussian) -> Dia
     mean = w * bottom_up.mean + (1 - w) * prior.mean
     log_var = -torch.logaddexp(-bottom_up.log_var, -prior.log_var)
     return DiagonalGaussian(mean, log_var, prior.event_ndim)
+
+
+class Draw(str, Enum):
+    """Where a level's z_t comes from in the top-down pass."""
+
+    SAMPLE = "sample"  # z_t ~ q(z_t | z_{>t}, x)
+    MEAN = "mean"  # z_t = E q(z_t | z_{>t}, x)
+    PRIOR = "prior"  # z_t ~ p(z_t | z_{>t}) with its std scaled by a temperature (0: the mean)
+
+
+class TopDownBlock(nn.Module):
+    """Level t of the top-down pass (VDVAE's DecBlock); below the top:
+
+        h_t = state(z_{t+1} [, h_{t+1}]),  p(z_t | z_{>t}) = prior(h_t),  q(z_t | z_{>t}, x) from post(d_t [, h_t]).
+    The top level (state = prior = None) has p(z_T) = N(0, I) and q(z_T | x) = post(d_T), a GaussianHead.
+    """
+
+    def __init__(self, dim: int, post: nn.Module, state: nn.Module | None = None, prior: nn.Module | None = None,
+                 posterior: str = "residual"):
+        super().__init__()
+        self.dim, self.kind = dim, posterior  # D_t; one of POSTERIORS (unused at the top)
+        self.state, self.prior, self.post = state, prior, post
+
+    def forward(self, *, d: Tensor | None, z_above: Tensor | None, h_above: Tensor | None, mode: Draw | str,
+                temperature: float = 1.0, n_samples: int | None = None, batch: int | None = None):
+        """-> (z_t, q_t or None if mode is PRIOR, p_t, h_t or None at the top).  d: d_t [B, f_t] (None if PRIOR);
+        z_above, h_above: z_{t+1} [*lead, B, D_{t+1}], h_{t+1} [*lead, B, w_{t+1}] (None at the top, h_above also
+        at T - 1). z_T: [S, B, D_T] (n_samples = S; no S dim if None) or, from the prior, [batch, D_T]; below the
+        top z_t follows z_above: [*lead, B, D_t]."""
+        mode = Draw(mode)
+        if self.state is None:  # level T: p = N(0, I), shaped like q's mean or, from the prior, [batch, D_T]
+            h, q = None, self.post(d) if mode is not Draw.PRIOR else None
+            like = q.mean if q is not None else self.post.linear.weight.new_empty(batch, self.dim)  # device, dtype
+            p = DiagonalGaussian.standard(like)
+        else:
+            h = self.state(z_above if h_above is None else torch.cat([z_above, h_above], -1))  # [*lead, w_t]
+            p = self.prior(h)
+            q = self.posterior(d, h, p) if mode is not Draw.PRIOR else None
+        if mode is Draw.PRIOR:
+            z = p.rsample(temperature=temperature)
+        elif mode is Draw.MEAN:
+            z = q.mean
+        else:  # S draws at the top; below, z_above already carries them
+            z = q.rsample(n_samples if self.state is None else None)
+        return z, q, p, h
+
+    def posterior(self, d: Tensor, h: Tensor, p: DiagonalGaussian) -> DiagonalGaussian:
+        """q(z_t | z_{>t}, x) for t < T from d_t [B, f_t], h_t [*lead, B, w_t] and p_t: over [*lead, B, D_t]."""
+        d = d.expand(*h.shape[:-1], d.shape[-1])
+        if self.kind == "precision":
+            return precision_merge(self.post(d), p)
+        if self.kind == "independent":
+            return self.post(torch.cat([d, h], -1))
+        dmu, dlv = self.post(torch.cat([d, h], -1)).chunk(2, dim=-1)
+        # Why clamp whatever `variance` says: dlv is a log-ratio of variances, not a raw variance output.
+        return DiagonalGaussian(p.mean + dmu, bounded_log_var(p.log_var + dlv, "clamp"))
 
 
 class LadderVAE(nn.Module):
@@ -83,27 +143,29 @@ class LadderVAE(nn.Module):
             f = [hidden[-1] if hidden else n_data]
         else:
             raise ValueError(f"unknown arch {arch!r}; choose 'mlp' or 'conv'")
-        for _ in range(T - 1):
-            f.append(lh[-1] if lh else f[-1])
+        f += [lh[-1] if lh else f[-1]] * (T - 1)  # f_t: width of d_t
         self.up = nn.ModuleList(normed_mlp([f[t], *lh], activation, True, norm) for t in range(T - 1))
-        # 2. Top-down state: h_t = down[t-1](z_{t+1} [, h_{t+1}]) [.., w_t], t = 1..T-1; prior p(z_t | h_t).
+        # 2. Per level, one TopDownBlock: the state net h_t = f(z_{t+1} [, h_{t+1}]) [.., w_t], the prior head, the
+        #    posterior net (the top's from d_T alone). Built as the four-list layout drew them (states, priors,
+        #    top, posteriors), so that a seed gives the same initial weights.
         w = [0] * T  # w[t-1]: width of h_t; h_T does not exist
         for t in range(T - 1, 0, -1):
-            n_in = d[t] + w[t]
-            w[t - 1] = lh[-1] if lh else n_in
-        self.down = nn.ModuleList(normed_mlp([d[t] + w[t], *lh], activation, True, norm) for t in range(1, T))
-        self.prior = nn.ModuleList(GaussianHead(w[t], d[t], variance) for t in range(T - 1))
-        # 3. Posteriors: the top from d_T alone (its prior is N(0, I)); below, per `posterior`.
-        self.top = GaussianHead(f[-1], d[-1], variance)
-        if posterior == "precision":
-            self.post = nn.ModuleList(GaussianHead(f[t], d[t], variance) for t in range(T - 1))
-        elif posterior == "independent":
-            self.post = nn.ModuleList(GaussianMLP(f[t] + w[t], lh, d[t], activation, norm, variance)
-                                      for t in range(T - 1))
-        else:  # residual: a plain linear head on (d_t, h_t) -> (dmu, dlv); default init, never zero (collapse)
-            self.post = nn.ModuleList(nn.Sequential(normed_mlp([f[t] + w[t], *lh], activation, True, norm),
-                                                    nn.Linear(lh[-1] if lh else f[t] + w[t], 2 * d[t]))
-                                      for t in range(T - 1))
+            w[t - 1] = lh[-1] if lh else d[t] + w[t]
+        states = [normed_mlp([d[t] + w[t], *lh], activation, True, norm) for t in range(1, T)]
+        priors = [GaussianHead(w[t], d[t], variance) for t in range(T - 1)]
+        top = GaussianHead(f[-1], d[-1], variance)
+        posts = [self._posterior_net(f[t], w[t], d[t], lh, activation, norm, variance) for t in range(T - 1)]
+        self.blocks = nn.ModuleList([*(TopDownBlock(d[t], posts[t], states[t], priors[t], posterior)
+                                       for t in range(T - 1)), TopDownBlock(d[-1], top)])
+
+    def _posterior_net(self, f: int, w: int, dim: int, lh: list[int], act: str, norm: str, variance: str):
+        """Level t < T's posterior net: [.., f_t] -> N(mu_hat, var_hat) (precision), [.., f_t + w_t] -> q (independent)
+        or (dmu, dlv) [.., 2 D_t] (residual: a plain linear head, default init; zero would start it collapsed)."""
+        if self.posterior_kind == "precision":
+            return GaussianHead(f, dim, variance)
+        if self.posterior_kind == "independent":
+            return GaussianMLP(f + w, lh, dim, act, norm, variance)
+        return nn.Sequential(normed_mlp([f + w, *lh], act, True, norm), nn.Linear(lh[-1] if lh else f + w, 2 * dim))
 
     def _conv_nets(self, channels: Sequence[int], n_z: int, act: str, k: int):
         """Conv encoder x [B, C, H, W] -> d_1 [B, f_1] and decoder [N, n_z] -> [N, k*C, H, W]: stride-2 convs
@@ -129,51 +191,24 @@ class LadderVAE(nn.Module):
             ds.append(up(ds[-1]))
         return ds
 
-    def level_posterior(self, t: int, d: Tensor, h: Tensor, prior: DiagonalGaussian) -> DiagonalGaussian:
-        """q(z_t | z_{>t}, x) for t < T from d_t [B, f_t] and h_t [*lead, B, w_t]: over [*lead, B, D_t]."""
-        d = d.expand(*h.shape[:-1], d.shape[-1])
-        if self.posterior_kind == "precision":
-            return precision_merge(self.post[t - 1](d), prior)
-        if self.posterior_kind == "independent":
-            return self.post[t - 1](torch.cat([d, h], -1))
-        dmu, dlv = self.post[t - 1](torch.cat([d, h], -1)).chunk(2, dim=-1)
-        # Why clamp whatever `variance` says: dlv is a log-ratio of variances, not a raw variance output.
-        return DiagonalGaussian(prior.mean + dmu, bounded_log_var(prior.log_var + dlv, "clamp"))
-
-    def _descend(self, n: int, ds: list[Tensor] | None, keep: int, temps: list[float], use_mean: bool,
-                 n_samples: int | None) -> list[tuple[Tensor, DiagonalGaussian, DiagonalGaussian]]:
-        """The top-down pass, t = T..1: levels t > T - keep from the posterior (a sample, or its mean if
-        use_mean), the rest from the prior with their temperatures. -> [(z_t, q_t or None, p_t)], level 1 first.
-
-        z_T: [S, B, D_T] (n_samples = S) or [n, D_T] (n_samples None); lower levels follow its leading dims.
-        """
-        T, out = self.n_levels, []
+    def _descend(self, ds: list[Tensor | None], modes: list[Draw], temps: list[float], n_samples: int | None,
+                 batch: int) -> list[tuple[Tensor, DiagonalGaussian | None, DiagonalGaussian]]:
+        """The top-down pass t = T..1 (VDVAE's Decoder.forward); ds, modes, temps: one per level, level 1 first.
+        -> [(z_t, q_t or None, p_t)], level 1 first."""
         z = h = None
-        for t in range(T, 0, -1):
-            if t == T:
-                q = self.top(ds[-1]) if keep > 0 else None
-                weight = self.top.linear.weight  # z_T on the model's device, in its dtype
-                p = DiagonalGaussian.standard(q.mean if q is not None else torch.empty(
-                    n, self.latent_dims[-1], device=weight.device, dtype=weight.dtype))
-            else:
-                h = self.down[t - 1](z if h is None else torch.cat([z, h], -1))  # h_t: [*lead, w_t]
-                p = self.prior[t - 1](h)
-                q = self.level_posterior(t, ds[t - 1], h, p) if t > T - keep else None
-            if q is None:
-                z = p.rsample(temperature=temps[t - 1])
-            elif use_mean:
-                z = q.mean
-            else:
-                z = q.rsample(n_samples if t == T else None)
-            out.append((z, q, p))
-        return out[::-1]
+        steps = []
+        for block, d, mode, temp in zip(reversed(self.blocks), ds[::-1], modes[::-1], temps[::-1]):
+            z, q, p, h = block(d=d, z_above=z, h_above=h, mode=mode, temperature=temp, n_samples=n_samples, batch=batch)
+            steps.append((z, q, p))
+        return steps[::-1]
 
     def infer(self, x: Tensor, n_samples: int = 1) -> Trace:
         """Bottom-up pass, then z_T ~ q(z_T|x), z_t ~ q(z_t | z_{>t}, x) top-down, each scored under
         p(z_t | z_{>t}) computed alongside (closed-form KL valid at every level). z_t: [S, B, D_t]."""
-        steps = self._descend(len(x), self.bottom_up(x), self.n_levels, [1.0] * self.n_levels, False, n_samples)
-        levels = [Level(z, q, p, analytic_kl=True) for z, q, p in steps]
-        return SkipTrace(tuple(levels)) if self.skip else Trace(tuple(levels))
+        T = self.n_levels
+        steps = self._descend(self.bottom_up(x), [Draw.SAMPLE] * T, [1.0] * T, n_samples, len(x))
+        levels = tuple(Level(z, q, p, analytic_kl=True) for z, q, p in steps)
+        return SkipTrace(levels) if self.skip else Trace(levels)
 
     def decode(self, z1: Tensor):
         """p(x | z_1), or p(x | z_1:T) with skip (z1 then [*lead, D_1 + ... + D_T], as SkipTrace.z1 gives):
@@ -187,8 +222,8 @@ class LadderVAE(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Top-down posterior means (each level's mean given the means above): what decode takes,
         [B, D_1] or, with skip, [B, D_1 + ... + D_T]."""
-        return self._decoder_input(self._descend(len(x), self.bottom_up(x), self.n_levels, [1.0] * self.n_levels,
-                                                 True, None))
+        T = self.n_levels
+        return self._decoder_input(self._descend(self.bottom_up(x), [Draw.MEAN] * T, [1.0] * T, None, len(x)))
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """Mean of p(x | posterior means): [B, *data]."""
@@ -197,8 +232,8 @@ class LadderVAE(nn.Module):
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0) -> Tensor:
         """z_T ~ N(0, t_T^2 I), z_t ~ p(z_t | z_{>t}) with std scaled by t_t (0: the mean); the mean of the
         likelihood: [n, *data]. `temperature`: one float, or T floats (level 1 first)."""
-        temps = per_level(temperature, self.n_levels)
-        return self.decode(self._decoder_input(self._descend(n, None, 0, temps, False, None))).mean
+        temps, T = per_level(temperature, self.n_levels), self.n_levels
+        return self.decode(self._decoder_input(self._descend([None] * T, [Draw.PRIOR] * T, temps, None, n))).mean
 
     def resample_lower(self, x: Tensor, keep: int, temperature: float | Sequence[float] = 1.0,
                        use_mean: bool = True) -> Tensor:
@@ -207,6 +242,54 @@ class LadderVAE(nn.Module):
         likelihood: [B, *data]. keep = T is a reconstruction, keep = 0 a sample."""
         if not 0 <= keep <= self.n_levels:
             raise ValueError(f"keep must be in 0..{self.n_levels}; got {keep}")
-        temps = per_level(temperature, self.n_levels)
-        ds = self.bottom_up(x) if keep > 0 else None
-        return self.decode(self._decoder_input(self._descend(len(x), ds, keep, temps, use_mean, None))).mean
+        T, temps = self.n_levels, per_level(temperature, self.n_levels)
+        modes = [Draw.PRIOR] * (T - keep) + [Draw.MEAN if use_mean else Draw.SAMPLE] * keep  # level 1 first
+        ds = self.bottom_up(x) if keep > 0 else [None] * T
+        return self.decode(self._decoder_input(self._descend(ds, modes, temps, None, len(x)))).mean
+
+    def _legacy_prefixes(self) -> list[tuple[str, str]]:
+        """(old, new) name prefixes of runs saved before the blocks, in the order that layout registered them."""
+        lower, top = range(self.n_levels - 1), [("top.", f"blocks.{self.n_levels - 1}.post.")]
+        return ([(f"down.{i}.", f"blocks.{i}.state.") for i in lower] + [(f"prior.{i}.", f"blocks.{i}.prior.")
+                for i in lower] + top + [(f"post.{i}.", f"blocks.{i}.post.") for i in lower])
+
+    def legacy_key(self, name: str) -> str:
+        """A state-dict key of the four-list layout -> its name now (down.0.0.weight -> blocks.0.state.0.weight,
+        top.linear.bias -> blocks.{T-1}.post.linear.bias, post.0.weight -> blocks.0.post.weight); others unchanged."""
+        for old, new in self._legacy_prefixes():
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+    def legacy_parameter_order(self) -> list[str]:
+        """The names of named_parameters() in the order the four-list layout registered them (encoder, decoder,
+        up, down, prior, top, post): the index order of an optimizer state it saved."""
+        names = [name for name, _ in self.named_parameters()]
+        groups = ["encoder.", "decoder.", "up."] + [new for _, new in self._legacy_prefixes()]
+        return [name for group in groups for name in names if name.startswith(group)]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Why here: load_state_dict calls this on its own copy of the dict before it hands the children their keys,
+        # so renaming the legacy keys first lets a run saved before the blocks load, strict or not.
+        for key in [key for key in state_dict if key.startswith(prefix)]:
+            new = prefix + self.legacy_key(key[len(prefix):])
+            if new != key:
+                state_dict[new] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@dataclass
+class LadderConfig(HierarchyOptions, ModelOptions):
+    """`model.name: ladder`: the top-down hierarchical VAE."""
+
+    name: ClassVar[str] = "ladder"
+    arch: str = option("mlp", choices=("mlp", "conv"), help="the nets x -> d_1 and the decoder")
+    conv_channels: list[int] = option([32, 64], each_ge=1, min_len=1, help="conv arch: channels per stride-2 stage")
+    posterior: str = option("residual", choices=POSTERIORS)
+    skip: bool = option(False, help="the likelihood sees every level's z, not only z_1")
+
+    def build(self, data_shape: Sequence[int]) -> "LadderVAE":
+        return LadderVAE(data_shape, self.dims(), posterior=self.posterior, skip=self.skip, arch=self.arch,
+                         conv_channels=self.conv_channels, hidden=self.hidden, level_hidden=self.level_hidden,
+                         likelihood=self.likelihood, activation=self.activation, variance=self.variance,
+                         norm=self.norm)

@@ -16,7 +16,8 @@ under the VAE's parameter names, so with T = 1 this is exactly the VAE (same wei
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,18 @@ from ..distributions import DiagonalGaussian
 from ..likelihoods import channels_per_pixel, decode_likelihood
 from ..nets import GaussianHead, GaussianMLP, mlp
 from ..protocol import Level, Trace
-from .levels import per_level
+from .levels import HierarchyOptions, ModelOptions, per_level
+
+
+@dataclass
+class MHVAEConfig(HierarchyOptions, ModelOptions):
+    """`model.name: mhvae`: the write-up's Markovian HVAE, MLPs only."""
+
+    name: ClassVar[str] = "mhvae"
+
+    def build(self, data_shape: Sequence[int]) -> "MHVAE":
+        return MHVAE(data_shape, self.dims(), hidden=self.hidden, level_hidden=self.level_hidden,
+                     likelihood=self.likelihood, activation=self.activation, variance=self.variance, norm=self.norm)
 
 
 class MHVAE(nn.Module):

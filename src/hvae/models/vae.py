@@ -5,16 +5,32 @@ p_theta(x|z) a likelihood from likelihoods.py. MLP (default 784-512-256 -> 32 ->
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..distributions import DiagonalGaussian
+from ..errors import ConfigError
 from ..likelihoods import channels_per_pixel, decode_likelihood
 from ..nets import GaussianHead, conv_decoder, conv_encoder, mlp
 from ..protocol import Level, Trace
-from .levels import per_level
+from ..schema import option
+from .levels import ModelOptions, per_level
+
+
+@dataclass
+class VAEConfig(ModelOptions):
+    """`model.name: vae`: one latent level, MLP or conv nets."""
+
+    name: ClassVar[str] = "vae"
+    arch: str = option("mlp", choices=("mlp", "conv"))
+    conv_channels: list[int] = option([32, 64], each_ge=1, min_len=1, help="conv arch: channels per stride-2 stage")
+
+    def build(self, data_shape: Sequence[int]) -> "VAE":
+        return VAE(data_shape, self.latent_dim, self.hidden, self.arch, self.conv_channels, self.likelihood,
+                   self.activation, self.variance)
 
 
 class VAE(nn.Module):
@@ -37,7 +53,8 @@ class VAE(nn.Module):
             c, h, w = self.data_shape
             down = 2 ** len(conv_channels)
             if h % down or w % down:
-                raise ValueError(f"conv arch needs H and W divisible by {down}; got {h}x{w}")
+                raise ConfigError(f"model.arch conv needs H and W divisible by {down} (2^len(model.conv_channels)); "
+                                  f"got {h}x{w}")
             self._grid = (conv_channels[-1], h // down, w // down)
             feat = math.prod(self._grid)
             self.encoder = nn.Sequential(conv_encoder(c, conv_channels, activation), nn.Flatten())
