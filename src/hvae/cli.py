@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .argtypes import at_least, device, integers, numbers, parents
 from .config import ConfigError, resolve
 from .data import load_dataset, test_input
 from .errors import InputError, RunDirError
@@ -40,74 +40,6 @@ class Parser(argparse.ArgumentParser):
         err = UsageError(f"{message} (see {self.prog} --help)")
         err.prog = self.prog
         raise err
-
-
-def at_least(low: int):
-    """An argparse type: an integer >= low."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}; got {value}")
-        return value
-    parse.__name__ = "integer"
-    return parse
-
-
-def seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32); got {value}")
-    return value
-
-
-def numbers(low: float | None = None, above: float | None = None):
-    """An argparse type: comma-separated finite numbers (>= low, > above)."""
-    def parse(text: str) -> list[float]:
-        values = [float(v) for v in text.split(",") if v.strip()]
-        if not values or not all(math.isfinite(v) for v in values):
-            raise argparse.ArgumentTypeError(f"must be finite numbers, e.g. 0,0.5,1; got {text!r}")
-        if (low is not None and min(values) < low) or (above is not None and min(values) <= above):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if low is not None else '>'} "
-                                             f"{low if low is not None else above}; got {text}")
-        return values
-    parse.__name__ = "number list"
-    return parse
-
-
-def integers(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("is empty; give dimensions like 0,3,5, or leave it out for the 10 most informative")
-    return values
-
-
-def device(name: str) -> str:
-    """--device: cpu, cuda, cuda:N or mps, present on this machine."""
-    try:
-        kind = torch.device(name)
-    except RuntimeError:
-        kind = None
-    if kind is None or kind.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"{name!r} is not a device hvae runs on; use cpu, cuda (cuda:N) or mps")
-    if kind.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"this PyTorch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
-    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if kind.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError("Apple's Metal backend is not available here; use --device cpu")
-    return name
-
-
-def parents() -> dict[str, argparse.ArgumentParser]:
-    """The flags several commands share, declared once."""
-    made = {name: argparse.ArgumentParser(add_help=False) for name in ("run", "ema", "progress", "seed")}
-    made["run"].add_argument("run", type=Path)
-    made["run"].add_argument("--device", type=device, help="cpu | cuda | cuda:N (default: cuda when present, else cpu)")
-    made["run"].add_argument("--data-dir", help="override the run's data.data_dir")
-    made["ema"].add_argument("--no-ema", action="store_true", help="use the raw weights even when the run has EMA")
-    made["progress"].add_argument("--no-progress", action="store_true", help="no progress bar")
-    made["seed"].add_argument("--seed", type=seed, default=0)
-    return made
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,10 +252,8 @@ def cmd_edit(args) -> int:
     cfg, model, images = load_run(args)
     x, y = images(labels=True)
     if args.action == "interpolate":
-        a, b = _test_image(x, args.a, "--a"), _test_image(x, args.b, "--b")
-        kinds = {"linear": [False], "spherical": [True], "both": [False, True]}[args.method]
-        paths = [editing.interpolate(model, a, b, args.steps, spherical)[0] for spherical in kinds]  # [steps, *data]
-        grid = torch.stack([torch.cat([a, path, b]) for path in paths])  # [rows, steps + 2, *data]
+        grid = editing.interpolation_rows(model, _test_image(x, args.a, "--a"), _test_image(x, args.b, "--b"),
+                                          args.steps, args.method)
     elif args.action == "arithmetic":
         x, y = x[: args.limit], None if y is None else y[: args.limit]
         grid = editing.class_arithmetic(model, x, y, args.from_class, args.to_class, args.n, args.scales)
@@ -358,16 +288,12 @@ def cmd_encode(args) -> int:
     """RUN/latents.npz: z{t}_mean [N, D_t], E_q[z_t | x] for each level t (1 nearest x), and the labels when known."""
     import numpy as np
 
-    from .evaluate import posterior_means
+    from .editing import latent_arrays
 
     _, model, images = load_run(args)
     x, y = images(labels=True)
-    x = x[: args.limit]
     torch.manual_seed(0)
-    means = [[m.float().cpu() for m in posterior_means(model, x[lo:lo + 500])] for lo in range(0, len(x), 500)]
-    arrays = {f"z{t + 1}_mean": torch.cat([m[t] for m in means]).numpy() for t in range(len(means[0]))}
-    if y is not None:
-        arrays["labels"] = y[: len(x)].numpy()
+    arrays = latent_arrays(model, x[: args.limit], y)
     out = args.out or args.run / "latents.npz"
     if out.suffix != ".npz" and not out.is_dir():  # what numpy would write
         out = out.with_name(out.name + ".npz")

@@ -134,8 +134,10 @@ def _unknown(key: Any, valid: list[str]) -> ConfigError:
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against the field's type; accept ints for floats. Errors name key and expected type."""
+def _coerce(key: str, value: Any, annotation: Any, label: str | None = None) -> Any:
+    """Check `value` against the field's type; accept ints for floats. Errors name the key (`label`: how to name
+    it, default 'key') and the expected type."""
+    label = label or f"'{key}'"
     hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     if value is None and type(None) in hints:
         return None
@@ -148,14 +150,14 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value) if abs(value) < 1e308 else math.inf  # float() of a huge int raises
             if not math.isfinite(number):
-                raise ConfigError(f"config key '{key}' must be a finite number; got {value!r}")
+                raise ConfigError(f"config key {label} must be a finite number; got {value!r}")
             return number
         if hint is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if hint in (bool, str) and type(value) is hint:
             return value
     names = " or ".join(getattr(h, "__name__", str(h)) for h in hints)
-    raise ConfigError(f"config key '{key}' must be {names}; got {value!r}")
+    raise ConfigError(f"config key {label} must be {names}; got {value!r}")
 
 
 def _translate(updates: dict[str, Any], legacy: bool) -> tuple[dict[str, Any], dict[str, str]]:
@@ -229,8 +231,8 @@ def apply(cfg: Config, updates: dict[str, Any], legacy: bool = False) -> Config:
             raise _not_for(str(key), cfg) or _unknown(given.get(key, key), valid)
         section, name = key.split(".")
         hints = typing.get_type_hints(type(getattr(cfg, section)))
-        shown = f"{key}' (given as '{given[key]}" if key in given else key
-        setattr(getattr(cfg, section), name, _coerce(shown, value, hints[name]))
+        label = f"'{key}' (given as '{given[key]}')" if key in given else None
+        setattr(getattr(cfg, section), name, _coerce(key, value, hints[name], label))
     validate(cfg)
     return cfg
 

@@ -70,6 +70,26 @@ def interpolate(model, x_a: Tensor, x_b: Tensor, steps: int = 10, spherical: boo
     return images.transpose(0, 1)
 
 
+def interpolation_rows(model, a: Tensor, b: Tensor, steps: int, method: str = "both") -> Tensor:
+    """a, the decoded path to b, b, per method (linear, spherical or both rows): [rows, steps + 2, *data]."""
+    kinds = {"linear": [False], "spherical": [True], "both": [False, True]}[method]
+    paths = [interpolate(model, a, b, steps, spherical)[0] for spherical in kinds]  # [steps, *data] each
+    return torch.stack([torch.cat([a, path, b]) for path in paths])
+
+
+def latent_arrays(model, x: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> dict:
+    """What `hvae encode` writes: z{t}_mean [N, D_t] = E_q[z_t | x] for each level t (1 nearest x), float32 numpy
+    arrays, and the labels when known."""
+    from .evaluate import posterior_means
+
+    means = [[m.float().cpu() for m in posterior_means(model, x[lo:lo + batch_size])]
+             for lo in range(0, len(x), batch_size)]
+    arrays = {f"z{t + 1}_mean": torch.cat([m[t] for m in means]).numpy() for t in range(len(means[0]))}
+    if labels is not None:
+        arrays["labels"] = labels[: len(x)].numpy()
+    return arrays
+
+
 def attribute_vector(model, x: Tensor, labels: Tensor | None, to_class: int, from_class: int) -> Tensor:
     """v = mean E_q[z|x] over class `to_class` minus the same over `from_class`. x: [N, *data] -> [*event]."""
     if labels is None:

@@ -119,68 +119,88 @@ def save(out: Path, fabric: Fabric, state: TrainState, guard: UpdateGuard, model
         ckpt.save_checkpoint(out, model.state_dict(), saved, ema.shadow if ema else None)
 
 
-def fit(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = None, progress: bool = True,
-        data: Dataset | None = None, model: nn.Module | None = None) -> nn.Module:
-    """Train per `cfg` into run directory `out` (checked by train(); created if missing). -> the trained model.
-
-    `data`: cfg.data's dataset when the caller has loaded it; `model`: start from these weights instead of a fresh
-    model of cfg.model (its config must be cfg.model)."""
-    t, rt = cfg.train, cfg.runtime
+def launch(rt) -> Fabric:
+    """Lightning Fabric for the `runtime` section: threads, accelerator, devices, strategy, precision (DDP ranks
+    start here)."""
     if rt.threads > 0:
         torch.set_num_threads(rt.threads)
     fabric = Fabric(accelerator=rt.accelerator, devices=rt.devices, num_nodes=rt.num_nodes, strategy=rt.strategy,
                     precision=rt.precision)
     fabric.launch()
-    rank, world = fabric.global_rank, fabric.world_size
-    if t.batch_size % world:
-        raise ConfigError(f"train.batch_size {t.batch_size} must be divisible by the {world} devices")
+    return fabric
 
-    # Data and model. Every rank starts from rank 0's seed; DDP also broadcasts rank 0's weights.
-    data = data or load_dataset(cfg.data.dataset, cfg.data.data_dir)
+
+def training_split(cfg: Config, data: Dataset, fabric: Fabric) -> tuple[Tensor, Tensor, int]:
+    """(training images on the device, validation images, steps per epoch). Why on the device: the images are
+    binarized there by a generator on that device (on a GPU no per-step binarization on the host and copy)."""
+    t = cfg.train
+    if t.batch_size % fabric.world_size:
+        raise ConfigError(f"train.batch_size {t.batch_size} must be divisible by the {fabric.world_size} devices")
     train_x, _, val_x, _ = split_validation(data.train_x, data.train_y, cfg.data.validation, t.seed)
-    steps_per_epoch = len(train_x) // t.batch_size
-    if steps_per_epoch == 0:
+    if len(train_x) < t.batch_size:
         raise ConfigError(f"the training set ({len(train_x)} images) is smaller than one batch ({t.batch_size}); "
                           "lower train.batch_size")
-    torch.manual_seed(t.seed * 1000)
-    model = model if model is not None else build_model(cfg.model, data.data_shape)
-    torch.manual_seed(t.seed * 1000 + rank)  # reparameterization noise: different on each rank
-    optimizer = make_optimizer(cfg.optim, model.parameters())
-    # Why on the device: the training images are binarized there with a generator on that device (on a GPU no
-    # per-step binarization on the host and copy; on a CPU both are no-ops).
-    train_x = train_x.to(fabric.device)
-    state = TrainState(torch.Generator(device=fabric.device).manual_seed(t.seed * 1000 + 1 + rank), fabric.device)
+    return train_x.to(fabric.device), val_x, len(train_x) // t.batch_size
 
-    # Resume: weights, EMA, TrainState (step, counters, guard runs, epoch so far, RNG) exactly as saved.
-    saved = ema_weights = None
-    if resume:
-        last = ckpt.checkpoint_dir(out)
-        saved = ckpt.load_state(last)
-        ckpt.load_weights_into(model, ckpt.load_tensors(last / "model.safetensors"), last)
-        if (last / "ema.safetensors").exists():
-            ema_weights = ckpt.load_tensors(last / "ema.safetensors")
-        state.load_state_dict(saved)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:  # everything above succeeded: only now does an earlier run in DIR (--overwrite) go
-            clear_training_outputs(out)
-        ckpt.write_json(out / "config.json", to_dict(cfg))
-        write_provenance(out, data.files, argv, resume)
 
-    # Fabric set-up. Why compile before setup: Fabric then compiles the inner module only (after a DDP wrap), and
-    # its own wrapper (precision context, hooks) stays out of the graph and of dynamo's per-call guards.
+def restore(out: Path, model: nn.Module, state: TrainState) -> tuple[dict, dict | None]:
+    """Resume: the weights into `model`, the TrainState (step, counters, guard runs, epoch so far, RNG streams) as
+    saved. -> (the saved state, for the optimizer and loss scale once Fabric has placed them; the EMA weights)."""
+    last = ckpt.checkpoint_dir(out)
+    saved = ckpt.load_state(last)
+    ckpt.load_weights_into(model, ckpt.load_tensors(last / "model.safetensors"), last)
+    ema = ckpt.load_tensors(last / "ema.safetensors") if (last / "ema.safetensors").exists() else None
+    state.load_state_dict(saved)
+    return saved, ema
+
+
+def setup(fabric: Fabric, cfg: Config, model: nn.Module, state: TrainState, saved: dict | None,
+          ema_weights: dict | None) -> tuple[nn.Module, UpdateGuard, EMA | None]:
+    """The objective and optimizer through Fabric, the update guard, EMA; a resume's optimizer, loss scale and EMA.
+
+    Why compile before setup: Fabric then compiles the inner module only (after a DDP wrap), and its own wrapper
+    (precision context, hooks) stays out of the graph and of dynamo's per-call guards."""
     objective = Objective(model, cfg.objective)
-    objective, optimizer = fabric.setup(torch.compile(objective) if rt.compile else objective, optimizer)
+    objective, optimizer = fabric.setup(torch.compile(objective) if cfg.runtime.compile else objective,
+                                        make_optimizer(cfg.optim, model.parameters()))
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the loss scaler
-    if resume:  # after setup: the optimizer state goes where the parameters now are (e.g. the GPU)
+    if saved is not None:  # after setup: the optimizer state goes where the parameters now are (e.g. the GPU)
         optimizer.load_state_dict(ckpt.optimizer_state_for(model, saved))
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
     ema = EMA(model, cfg.optim.ema) if cfg.optim.ema > 0 else None
     if ema is not None and ema_weights is not None:
         ema.shadow = {k: v.to(fabric.device) for k, v in ckpt.upgrade_weights(model, ema_weights).items()}
+    return objective, UpdateGuard(cfg.optim, state, optimizer, fabric.device, scaler), ema
+
+
+def fit(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = None, progress: bool = True,
+        data: Dataset | None = None, model: nn.Module | None = None) -> nn.Module:
+    """Train per `cfg` into run directory `out` (checked by train(); created if missing). -> the trained model.
+
+    `data`: cfg.data's dataset when the caller has loaded it; `model`: start from these weights instead of a fresh
+    model of cfg.model (its config must be cfg.model)."""
+    t = cfg.train
+    fabric = launch(cfg.runtime)
+    rank, world = fabric.global_rank, fabric.world_size
+    # Data and model. Every rank starts from rank 0's seed (DDP also broadcasts rank 0's weights); the
+    # reparameterization noise differs between ranks, and so does the data stream (binarization).
+    data = data or load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    train_x, val_x, steps_per_epoch = training_split(cfg, data, fabric)
+    torch.manual_seed(t.seed * 1000)
+    model = model if model is not None else build_model(cfg.model, data.data_shape)
+    torch.manual_seed(t.seed * 1000 + rank)
+    state = TrainState(torch.Generator(device=fabric.device).manual_seed(t.seed * 1000 + 1 + rank), fabric.device)
+    saved, ema_weights = restore(out, model, state) if resume else (None, None)
+    # The run directory: only now (everything above succeeded) does an earlier run in it (--overwrite) go.
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            clear_training_outputs(out)
+        ckpt.write_json(out / "config.json", to_dict(cfg))
+        write_provenance(out, data.files, argv, resume)
+    objective, guard, ema = setup(fabric, cfg, model, state, saved, ema_weights)
     params = [p for p in model.parameters() if p.requires_grad]
-    guard = UpdateGuard(cfg.optim, state, optimizer, fabric.device, scaler)
     log = MetricsLog(out / "metrics.jsonl", state.step if resume else None, t.tensorboard) if rank == 0 else None
 
     # The loop: batch -> train_step -> log every log_every steps -> checkpoint -> end of epoch.

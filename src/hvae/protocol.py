@@ -83,3 +83,29 @@ class StochasticBoundModel(Protocol):
     def stochastic_bound(self, x: Tensor) -> BoundTerms:
         """A fresh draw (for VDM one t and one eps per example) of the bound's terms for x [B, *data]: BoundTerms
         of [B], nats; E[elbo] over the draws is the model's ELBO <= log p(x)."""
+
+
+@runtime_checkable
+class DiffusionModel(Protocol):
+    """A variational diffusion model (VDM): the Markovian HVAE of eq. 6-8 whose latents z_t, t in [0, 1], have the
+    data's shape and whose encoder is fixed, q(z_t | x) = N(alpha_t x, sigma_t^2 I) with the variance-preserving
+    alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t), gamma = -log SNR. What its bound (diffusion.py) needs.
+
+    x, in the loop's input space (binarized {0, 1}, or 8-bit k/255), enters as the centres of its vocabulary's
+    bins, c in [-1, 1] (likelihoods.bin_centres)."""
+
+    data_shape: tuple[int, ...]
+    vocab_size: int  # 2 (binarized images) or 256 (8-bit)
+    timesteps: int  # T of the discrete-time model; 0: continuous time
+
+    def gamma(self, t: Tensor) -> Tensor:
+        """The noise schedule gamma(t) = -log SNR(t), increasing: t [B] in [0, 1] -> [B] (differentiable in t)."""
+
+    def to_centres(self, x: Tensor) -> Tensor:
+        """Data in the input space [B, *data] -> its bins' centres c [B, *data] in [-1, 1]."""
+
+    def predict_x(self, z_t: Tensor, gamma_t: Tensor) -> Tensor:
+        """The denoiser: x_hat = E[c | z_t] [B, *data] (bin-centre units) for z_t [B, *data], gamma_t [B]."""
+
+    def decode(self, z0: Tensor):
+        """p(x | z_0): the exact discrete likelihood over the vocabulary (likelihoods.BinnedGaussian) at gamma(0)."""
