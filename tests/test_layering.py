@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     # 5 - objectives: ELBO terms, IW bound, bits/dim, training-loss pieces. Pure functions of a protocol model;
     #     never a model class (test_objectives_never_import_models_or_above).
     "hvae.objectives": 5,
+    "hvae.diffusion": 5,  # the VDM bound: objectives of a diffusion model
     # 6 - nets: MLP / conv / residual blocks, Gaussian heads.
     "hvae.nets": 6,
     # 7 - models: the package src/hvae/models/. Compose nets + distributions; no loss, no loop; never import
@@ -48,6 +49,7 @@ LAYERS: dict[str, int] = {
     "hvae.models.vae": 7,
     "hvae.models.mhvae": 7,
     "hvae.models.ladder": 7,
+    "hvae.models.vdm": 7,
     # 8 - config: typed dataclass configs, YAML presets, dotted overrides. Below the run-level modules, not above
     #     them as STYLE.md's "config, cli" line suggests: train, loop, report and checkpoint.load read a Config,
     #     while config.py imports only lower layers (errors, schema, and the models' and objectives' own config

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=at_least(1), default=64)
     s.add_argument("--temperature", type=numbers(low=0), default=[1.0],
                    help="scales the prior's std (0: its mean); one value, or one per level (level 1 first)")
+    s.add_argument("--steps", type=at_least(1), help="diffusion models: ancestral sampling steps (default: T, or 256)")
+    s.add_argument("--chain", type=at_least(2), metavar="FRAMES",
+                   help="diffusion models: draw the denoising chain instead, FRAMES predictions per sample")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     r = command("reconstruct", "run", "seed", help="test images and their reconstructions")
     r.add_argument("--n", type=at_least(1), default=16)
     i = command("interpolate", "run", "seed", help="decode paths between encoded test images")
@@ -196,10 +200,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def is_diffusion(model) -> bool:
+    from .protocol import DiffusionModel
+
+    return isinstance(model, DiffusionModel)
+
+
+def needs_latent_code(model, command: str) -> None:
+    """Commands that move through a latent code (interpolate, edit, levels, encode) on a model that has one."""
+    if is_diffusion(model):
+        raise ConfigError(f"hvae {command} works on a latent code; a diffusion model's latents have the data's shape "
+                          "(use sample --chain to see its denoising chain, reconstruct to encode and denoise)")
+
+
 @torch.no_grad()
 def cmd_sample(args) -> int:
     cfg, model, _ = load_run(args)
     torch.manual_seed(args.seed)
+    if (args.steps or args.chain) and not is_diffusion(model):
+        raise ConfigError("--steps and --chain are for diffusion models (model.name vdm)")
+    if is_diffusion(model):
+        if len(args.temperature) != 1:
+            raise ConfigError("--temperature: a diffusion model takes one temperature")
+        if args.chain:
+            chain = model.denoising_chain(args.n, args.steps, args.chain, args.temperature[0])  # [n, frames, *data]
+            return save_images(args, cfg, chain.flatten(0, 1), args.chain, "chain.png")
+        images = model.sample(args.n, args.temperature[0], args.steps, progress=not args.no_progress)
+        return save_images(args, cfg, images, 8, "sample.png")
     try:
         images = model.sample(args.n, args.temperature)
     except ValueError as e:
@@ -220,6 +247,7 @@ def cmd_interpolate(args) -> int:
     from .editing import interpolate
 
     cfg, model, images = load_run(args)
+    needs_latent_code(model, "interpolate")
     torch.manual_seed(args.seed)
     x = images()[: 2 * args.n]
     if len(x) < 2 * args.n:
@@ -233,6 +261,7 @@ def cmd_levels(args) -> int:
     from .editing import level_resamples
 
     cfg, model, images = load_run(args)
+    needs_latent_code(model, "levels")
     torch.manual_seed(args.seed)
     grid = level_resamples(model, images(args.n), args.samples, args.temperature)  # [B, cols, *data]
     return save_images(args, cfg, grid.flatten(0, 1), grid.shape[1], "levels.png")
@@ -250,6 +279,7 @@ def cmd_edit(args) -> int:
     from .visualize import rows
 
     cfg, model, images = load_run(args)
+    needs_latent_code(model, "edit")
     x, y = images(labels=True)
     if args.action == "interpolate":
         grid = editing.interpolation_rows(model, _test_image(x, args.a, "--a"), _test_image(x, args.b, "--b"),
@@ -291,6 +321,7 @@ def cmd_encode(args) -> int:
     from .editing import latent_arrays
 
     _, model, images = load_run(args)
+    needs_latent_code(model, "encode")
     x, y = images(labels=True)
     torch.manual_seed(0)
     arrays = latent_arrays(model, x[: args.limit], y)

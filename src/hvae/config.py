@@ -200,6 +200,13 @@ def _switch(cfg: Config, section: str, updates: dict[str, Any]) -> None:
         raise ConfigError(f"unknown {key} {name!r}; choose one of {', '.join(registry)}")
     if name != getattr(cfg, section).name:
         setattr(cfg, section, registry[name]())
+        # A new model brings its own default objective (a diffusion model: vdm) unless one is named, and leaves one
+        # that trains only other models.
+        default = getattr(cfg.model, "default_objective", "elbo")
+        models = getattr(cfg.objective, "models", None)
+        if section == "model" and "objective.name" not in updates and (
+                default != "elbo" or (models is not None and name not in models)):
+            updates["objective.name"] = default
 
 
 def _not_for(key: str, cfg: Config) -> ConfigError | None:
@@ -238,9 +245,18 @@ def apply(cfg: Config, updates: dict[str, Any], legacy: bool = False) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Every section's declared ranges (schema.option) and its rules between fields; ConfigError names the key."""
+    """Every section's declared ranges (schema.option) and its rules between fields; ConfigError names the key.
+    Then the pair: an objective may train only some models (its `models`), a model may refuse an objective (its
+    `check_objective`, e.g. a continuous-time diffusion model has no explicit levels for the ELBO objective)."""
     for section in _fields(cfg):
         check_section(getattr(cfg, section), section)
+    models = getattr(cfg.objective, "models", None)
+    if models is not None and cfg.model.name not in models:
+        raise ConfigError(f"objective {cfg.objective.name!r} trains only model {' or '.join(models)}; set "
+                          f"objective.name to one of {', '.join(n for n, c in OBJECTIVES.items() if not getattr(c, 'models', None))} "
+                          f"for model {cfg.model.name!r}")
+    if hasattr(cfg.model, "check_objective"):
+        cfg.model.check_objective(cfg.objective.name)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

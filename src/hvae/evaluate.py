@@ -12,7 +12,7 @@ import math
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .errors import ConfigError
 from .objectives import bits_per_dim, elbo_terms, iw_bound, log_importance_weights
-from .protocol import BoundTerms, LatentVariableModel, StochasticBoundModel
+from .protocol import BoundTerms, DiffusionModel, LatentVariableModel, StochasticBoundModel
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al.: a unit is active when Cov_x(E_q[z_u]) > 0.01
 COLLAPSE_NATS = 0.01  # a level whose mean KL is below this carries no information about x
@@ -100,7 +100,8 @@ def capabilities(model) -> frozenset[str]:
     methods it lacks.
     """
     found = frozenset(name for name, protocol in ((EXPLICIT_LEVELS, LatentVariableModel),
-                                                  (STOCHASTIC_BOUND, StochasticBoundModel))
+                                                  (STOCHASTIC_BOUND, StochasticBoundModel),
+                                                  (STOCHASTIC_BOUND, DiffusionModel))
                       if isinstance(model, protocol))
     declared = getattr(model, "eval_capabilities", None)
     if declared is None:
@@ -180,6 +181,16 @@ def _named_terms(terms: BoundTerms, batch: int) -> dict[str, Tensor]:
 
 
 @torch.inference_mode()
+def stochastic_bound_of(model) -> Callable[[Tensor], BoundTerms]:
+    """One draw of the model's stochastic bound: a diffusion model's VLB (diffusion.vdm_bound: objectives are written
+    once against the protocol), else the model's own stochastic_bound."""
+    if isinstance(model, DiffusionModel):
+        from .diffusion import vdm_bound
+
+        return lambda x: vdm_bound(model, x)
+    return model.stochastic_bound
+
+
 def evaluate_stochastic_bound(model: StochasticBoundModel, x: Tensor, passes: int = 10, batch_size: int = 100,
                               device: str | torch.device = "cpu", progress: bool = True,
                               seed: int = 0) -> dict[str, Any]:
@@ -196,6 +207,7 @@ def evaluate_stochastic_bound(model: StochasticBoundModel, x: Tensor, passes: in
     model.eval()
     torch.manual_seed(seed)
     n, n_dims, device = len(x), math.prod(x.shape[1:]), torch.device(device)
+    bound = stochastic_bound_of(model)
     pass_sums: list[dict[str, float]] = []  # per pass: each term summed over the images, float64
     with tqdm(total=passes * math.ceil(n / batch_size), desc=f"eval bound passes={passes}", file=sys.stderr,
               disable=not progress, leave=False) as bar:
@@ -203,7 +215,7 @@ def evaluate_stochastic_bound(model: StochasticBoundModel, x: Tensor, passes: in
             sums: dict[str, float] = {}
             for lo in range(0, n, batch_size):
                 xb = x[lo:lo + batch_size].to(device)
-                for name, term in _named_terms(model.stochastic_bound(xb), len(xb)).items():
+                for name, term in _named_terms(bound(xb), len(xb)).items():
                     sums[name] = sums.get(name, 0.0) + term.sum(dtype=torch.float64).item()
                 bar.update()
             if pass_sums and sums.keys() != pass_sums[0].keys():

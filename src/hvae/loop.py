@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, apply, from_dict, to_dict
 from .data import Dataset, epoch_order, load_dataset, split_validation, test_input, to_model_input
 from .errors import DataError
+from .evaluate import EXPLICIT_LEVELS, capabilities, stochastic_bound_of
 from .models import build_model
 from .objectives import ElboTerms, elbo
 from .optim import EMA, TrainingError, UpdateGuard, make_optimizer
@@ -342,13 +343,16 @@ def ema_model(model: nn.Module, ema: EMA | None) -> nn.Module:
 
 @torch.no_grad()
 def validation_elbo(model: nn.Module, val_x: Tensor, likelihood: str, device, batch: int = 1000) -> float:
-    """Mean ELBO on the held-out split (fixed binarization; the training RNG stream is left untouched)."""
+    """Mean ELBO on the held-out split (fixed binarization; the training RNG stream is left untouched); for a model
+    with only a stochastic bound, one draw of it per image."""
     was_training = model.training
     model.eval()
     device = torch.device(device)
+    # one draw of the model's bound: its ELBO over explicit levels, or a stochastic bound (a diffusion model's VLB)
+    bound = (lambda x: elbo(model, x)) if EXPLICIT_LEVELS in capabilities(model) else stochastic_bound_of(model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         x_all = test_input(val_x, likelihood)
-        total = sum(elbo(model, x_all[i:i + batch].to(device)).elbo.sum().item() for i in range(0, len(x_all), batch))
+        total = sum(bound(x_all[i:i + batch].to(device)).elbo.sum().item() for i in range(0, len(x_all), batch))
     model.train(was_training)
     return total / len(x_all)

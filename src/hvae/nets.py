@@ -1,10 +1,12 @@
-"""Network building blocks: MLPs, small conv stacks, residual cells, Gaussian heads with bounded variance.
+"""Network building blocks: MLPs, small conv stacks, residual cells, Gaussian heads with bounded variance, and the
+noise-level embeddings and small U-Net of a denoiser.
 
 No distributions or objectives here; models compose these with distributions.py.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -147,3 +149,89 @@ class GaussianMLP(nn.Module):
 
     def forward(self, h: Tensor) -> DiagonalGaussian:
         return self.head(self.trunk(h))
+
+
+# Blocks for denoisers conditioned on a noise level (models/vdm.py).
+
+
+def sinusoidal_embedding(g: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
+    """[sin(scale g f_j), cos(scale g f_j)], f_j = 10000^(-j / (dim/2 - 1)) (the Transformer's): g [B] -> [B, dim].
+
+    scale 1000: g in [0, 1] then spans the frequencies as a step index in 0..1000 would (VDM, DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=g.device) / max(half - 1, 1))
+    angles = scale * g.float()[:, None] * freqs  # [B, half]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return F.pad(emb, (0, dim % 2))  # odd dim: one zero column
+
+
+def fourier_features(z: Tensor, start: int = 6, stop: int = 8) -> Tensor:
+    """sin and cos of 2^k 2 pi z, k = start..stop-1, along dim 1: [B, C, ...] -> [B, 2 (stop - start) C, ...].
+
+    Why: on 8-bit data scaled to [-1, 1] the bins are 2^-7 apart, so 2^6 and 2^7 cycles per unit make the fine
+    detail that decides the bin visible to a smooth network (VDM's Fourier features)."""
+    w = 2 * math.pi * 2.0 ** torch.arange(start, stop, dtype=z.dtype, device=z.device)  # [F]
+    h = (z.unsqueeze(2) * w.view(1, 1, -1, *[1] * (z.dim() - 2))).flatten(1, 2)  # [B, C * F, ...]
+    return torch.cat([h.sin(), h.cos()], dim=1)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups that divide `channels`."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class EmbeddingResBlock(nn.Module):
+    """x + f(x, e): norm-act-conv3x3, plus a per-channel projection of e, norm-act-conv3x3 (zero-initialized, so
+    the block starts as its skip path); a 1x1 conv on the skip path when the channels change.
+    x [B, c_in, H, W], e [B, n_emb] -> [B, c_out, H, W]."""
+
+    def __init__(self, c_in: int, c_out: int, n_emb: int, act: str = "silu"):
+        super().__init__()
+        self.f1 = nn.Sequential(group_norm(c_in), activation(act), nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.emb = nn.Linear(n_emb, c_out)
+        self.f2 = nn.Sequential(group_norm(c_out), activation(act), nn.Conv2d(c_out, c_out, 3, padding=1))
+        nn.init.zeros_(self.f2[-1].weight)
+        nn.init.zeros_(self.f2[-1].bias)
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        h = self.f1(x) + self.emb(e)[:, :, None, None]
+        return self.skip(x) + self.f2(h)
+
+
+class UNet(nn.Module):
+    """A small conv U-Net conditioned on a vector: [B, c_in, H, W], e [B, n_emb] -> [B, c_out, H, W].
+
+    One EmbeddingResBlock per resolution on the way down (channels[i] at H / 2^i), one in the middle, one per
+    resolution on the way up taking the skip of its resolution; stride-2 convs down, nearest x2 + conv up; the
+    output conv is zero-initialized (the net starts at 0). H and W must be divisible by 2^(len(channels) - 1).
+    e passes through a two-layer MLP first, shared by all blocks."""
+
+    def __init__(self, c_in: int, c_out: int, channels: Sequence[int], n_emb: int, act: str = "silu"):
+        super().__init__()
+        ch, n_cond = list(channels), 4 * n_emb
+        self.cond = mlp([n_emb, n_cond, n_cond], act, final_act=True)
+        self.conv_in = nn.Conv2d(c_in, ch[0], 3, padding=1)
+        self.down = nn.ModuleList(EmbeddingResBlock(a, b, n_cond, act) for a, b in zip([ch[0], *ch[:-1]], ch))
+        self.downsample = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1) for c in ch[:-1])
+        self.mid = EmbeddingResBlock(ch[-1], ch[-1], n_cond, act)
+        self.upsample = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                                    nn.Conv2d(b, a, 3, padding=1)) for a, b in zip(ch[:-1], ch[1:]))
+        self.up = nn.ModuleList(EmbeddingResBlock(2 * c, c, n_cond, act) for c in ch)
+        self.out = nn.Sequential(group_norm(ch[0]), activation(act), nn.Conv2d(ch[0], c_out, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        e, h, skips = self.cond(e), self.conv_in(x), []
+        for i, block in enumerate(self.down):  # h: [B, channels[i], H / 2^i, W / 2^i]
+            h = block(h, e)
+            skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+        h = self.mid(h, e)
+        for i in reversed(range(len(self.up))):
+            if i < len(self.upsample):
+                h = self.upsample[i](h)  # [B, channels[i + 1], ...] -> [B, channels[i], 2x]
+            h = self.up[i](torch.cat([h, skips[i]], dim=1), e)
+        return self.out(h)

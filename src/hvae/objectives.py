@@ -15,24 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from .numerics import log_mean_exp
-from .protocol import LatentVariableModel, Level, Trace
+from .protocol import ElboTerms, LatentVariableModel, Level, Trace
 from .schema import option
-
-
-class ElboTerms(NamedTuple):
-    """Per-example terms in nats: reconstruction, kl (all levels) and elbo = reconstruction - kl: [B];
-    kl_per_level: [T, B], level 1 (nearest x) first."""
-
-    reconstruction: Tensor
-    kl: Tensor
-    elbo: Tensor
-    kl_per_level: Tensor
 
 
 def level_rate(level: Level, analytic_kl: bool = True) -> Tensor:
@@ -167,4 +157,6 @@ class IwaeObjective:
         return bound, ElboTerms(rec, kl, rec - kl, kl_per_level)
 
 
-OBJECTIVES: dict[str, type] = {"elbo": ElboObjective, "iwae": IwaeObjective}
+from .diffusion import VdmObjective  # noqa: E402 (diffusion.py builds on this module)
+
+OBJECTIVES: dict[str, type] = {"elbo": ElboObjective, "iwae": IwaeObjective, "vdm": VdmObjective}

@@ -15,11 +15,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
 from .distributions import DiagonalGaussian
+
+
+class ElboTerms(NamedTuple):
+    """Per-example terms in nats: reconstruction, kl (all levels) and elbo = reconstruction - kl: [B];
+    kl_per_level: [T, B], level 1 (nearest x) first."""
+
+    reconstruction: Tensor
+    kl: Tensor
+    elbo: Tensor
+    kl_per_level: Tensor
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from . import editing, plots
 from .config import ConfigError, from_dict, to_dict
 from .data import load_dataset, test_input
 from .evaluate import ACTIVE_THRESHOLD, evaluate
+from .protocol import DiffusionModel
 from .visualize import png_bytes, rows, to_unit_range
 
 SECTIONS = (("config", "Configuration"), ("evaluation", "Evaluation"), ("samples", "Samples"),
@@ -66,12 +67,16 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     x = test_input(data.test_x, cfg.model.likelihood)[: opt.limit]
     y = None if data.test_y is None else data.test_y[: opt.limit]
     show = partial(to_unit_range, likelihood=cfg.model.likelihood)  # likelihood means -> [0, 1]
-    body = [_config_section(cfg, run_dir),
-            _evaluation_section(evaluate(model, x, k=opt.k, device=opt.device, progress=opt.progress, seed=opt.seed)),
-            _samples_section(model, opt, show), _reconstruction_section(model, x, show),
-            _interpolation_section(model, x, show),
-            _latent_section(model, x, y, CLASS_NAMES.get(cfg.data.dataset), opt, show),
-            _curves_section(run_dir / "metrics.jsonl")]
+    result = evaluate(model, x, k=opt.k, device=opt.device, progress=opt.progress, seed=opt.seed)
+    if isinstance(model, DiffusionModel):  # latents of the data's shape: no latent code to interpolate or project
+        code = [_section("interpolations", _note("a diffusion model has no latent code to interpolate")),
+                _section("latent-views", _note("a diffusion model's latents z_t have the data's shape: see the "
+                                               "denoising chain under Samples"))]
+    else:
+        code = [_interpolation_section(model, x, show),
+                _latent_section(model, x, y, CLASS_NAMES.get(cfg.data.dataset), opt, show)]
+    body = [_config_section(cfg, run_dir), _evaluation_section(result), _samples_section(model, opt, show),
+            _reconstruction_section(model, x, show), *code, _curves_section(run_dir / "metrics.jsonl")]
     out = Path(out) if out is not None else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(_page(f"hvae report: {run_dir.name}", body), encoding="utf-8")
@@ -136,8 +141,11 @@ def _config_section(cfg, run_dir: Path) -> str:
 
 
 def _evaluation_section(result: dict[str, Any]) -> str:
-    text = (f"Means over the first {result['n_images']} test images, nats unless named; iw_nll uses "
-            f"k = {result['k']} importance samples.")
+    text = f"Means over the first {result['n_images']} test images, nats unless named"
+    text += f"; iw_nll uses k = {result['k']} importance samples." if "k" in result else "."
+    if "elbo_se" in result:
+        text += (f" elbo is a one-sample variational bound (one draw per image and pass), the mean of "
+                 f"{result['passes']} passes with its standard error elbo_se; it is not an IW-NLL.")
     return _section("evaluation", f"<p>{html.escape(text)}</p>", _table(result, ("metric", "value")))
 
 
@@ -145,13 +153,21 @@ def _samples_section(model, opt: ReportOptions, show) -> str:
     torch.manual_seed(opt.seed)
     with torch.no_grad():
         images = model.sample(opt.n_samples, opt.temperature)
+        chain = model.denoising_chain(8, frames=10, temperature=opt.temperature) \
+            if isinstance(model, DiffusionModel) else None
     caption = f"{opt.n_samples} samples, temperature {opt.temperature} (means of p(x|z))"
-    return _section("samples", _figure(png_bytes(show(images), nrow=8), caption))
+    figs = [_figure(png_bytes(show(images), nrow=8), caption)]
+    if chain is not None:
+        figs.append(_figure(png_bytes(show(chain.flatten(0, 1)), nrow=10),
+                            "the denoising chain: the predicted x from t = 1 (left) to t = 0 (right), one sample a row"))
+    return _section("samples", *figs)
 
 
 def _reconstruction_section(model, x, show, n: int = 16) -> str:
     xs = x[:n].to(editing.model_device(model))
-    recon = editing.decode_means(model, editing.encode_means(model, xs))
+    with torch.no_grad():
+        recon = model.reconstruct(xs) if isinstance(model, DiffusionModel) else \
+            editing.decode_means(model, editing.encode_means(model, xs))
     pairs = torch.stack([xs, recon], 1).flatten(0, 1)  # [2n, *data]: image, reconstruction, ...
     return _section("reconstructions", _figure(png_bytes(show(pairs), nrow=4),
                                                "test image | reconstruction from E_q[z|x], two pairs a row"))

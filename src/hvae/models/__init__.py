@@ -13,10 +13,12 @@ from torch import nn
 from .ladder import LadderConfig, LadderVAE
 from .mhvae import MHVAE, MHVAEConfig
 from .vae import VAE, VAEConfig
+from .vdm import VDM, VDMConfig
 
-__all__ = ["VAE", "MHVAE", "LadderVAE", "VAEConfig", "MHVAEConfig", "LadderConfig", "MODELS", "build_model"]
+__all__ = ["VAE", "MHVAE", "LadderVAE", "VAEConfig", "MHVAEConfig", "LadderConfig", "VDM", "VDMConfig", "MODELS",
+           "build_model"]
 
-MODELS: dict[str, type] = {"vae": VAEConfig, "mhvae": MHVAEConfig, "ladder": LadderConfig}
+MODELS: dict[str, type] = {"vae": VAEConfig, "mhvae": MHVAEConfig, "ladder": LadderConfig, "vdm": VDMConfig}
 
 
 def build_model(cfg, data_shape: Sequence[int]) -> nn.Module:
