@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
 
+from hvae import diffusion
 from hvae.diffusion import (VdmObjective, VdmTerms, antithetic_times, diffusion_loss_continuous,
                             diffusion_loss_discrete, gamma_and_slope, noise_sq_err, prior_kl, vdm_bound, vdm_terms,
                             vp_alpha_sigma)
@@ -508,3 +509,28 @@ def test_terms_are_float32_when_the_denoiser_runs_under_autocast():
     torch.testing.assert_close(terms.prior_kl, plain.prior_kl)
     # only the denoiser's bf16 rounding (2^-8 relative) moves the diffusion term: by 0.3% here
     torch.testing.assert_close(terms.diffusion, plain.diffusion, rtol=0.02, atol=0)
+
+
+def test_several_draws_per_example_are_stratified_in_time_and_average_the_bound():
+    """vdm_bound(draws=m): the m times of one example fall one in each stratum of width 1/m, and the estimate is the
+    mean of the m draws (the same draws as vdm_terms on the batch repeated m times)."""
+    model, x = Stub(), binary_data(3, 6, seed=2)
+    seen = {}
+    real = diffusion.antithetic_times
+
+    def spy(n, *args, **kwargs):
+        seen["t"] = real(n, *args, **kwargs)
+        return seen["t"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(diffusion, "antithetic_times", spy)
+        torch.manual_seed(4)
+        bound = diffusion.vdm_bound(model, x, draws=5)
+    t = seen["t"].reshape(5, 3)  # [draws, examples]
+    for i in range(3):
+        strata = torch.floor(torch.remainder(t[:, i] - t[0, i], 1.0) * 5 + 1e-6).long().sort().values
+        assert strata.tolist() == [0, 1, 2, 3, 4]
+    torch.manual_seed(4)
+    terms = diffusion.vdm_terms(model, x.repeat(5, *([1] * (x.dim() - 1))))
+    torch.testing.assert_close(bound.elbo, terms.elbo.reshape(5, 3).mean(0))
+    torch.testing.assert_close(bound.extra["diffusion"], terms.diffusion.reshape(5, 3).mean(0))

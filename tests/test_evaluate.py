@@ -18,7 +18,7 @@ from hvae.protocol import BoundTerms, LatentVariableModel, StochasticBoundModel
 SHAPE = (1, 4, 4)
 TODAY_KEYS = ["elbo", "reconstruction", "kl", "iw_nll", "k", "n_images", "bits_per_dim", "active_units",
               "kl_per_level", "active_units_per_level", "collapsed_levels", "seconds"]
-BOUND_KEYS = ["elbo", "elbo_se", "passes", "reconstruction", "kl", "prior_kl", "diffusion", "n_images",
+BOUND_KEYS = ["elbo", "elbo_se", "passes", "draws", "reconstruction", "kl", "prior_kl", "diffusion", "n_images",
               "bits_per_dim", "seconds"]
 
 

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=at_least(1), default=100)
     e.add_argument("--passes", type=at_least(2), default=10,
                    help="passes over the images for a stochastic bound (a diffusion VLB), for its standard error")
+    e.add_argument("--draws", type=at_least(1), default=8,
+                   help="draws of a stochastic bound per image and pass (a VLB's times stratified per image)")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     s = command("sample", "run", "seed", help="draw from the prior and decode")
@@ -188,6 +190,7 @@ def cmd_eval(args) -> int:
 
     cfg, model, images = load_run(args)
     result = evaluate(model, images(args.limit), k=args.k, batch_size=args.batch_size, passes=args.passes,
+                      draws=args.draws,
                       device=next(model.parameters()).device, progress=not args.no_progress)
     for level in result.get("collapsed_levels", []):
         print(f"hvae eval: warning: level {level} has collapsed (mean KL {result['kl_per_level'][level - 1]:.4f} "

@@ -28,7 +28,7 @@ AU_SAMPLES = 16  # draws of the other levels per image, for E_q[z_t | x] of a le
 
 EXPLICIT_LEVELS, STOCHASTIC_BOUND = "explicit_levels", "stochastic_bound"  # the capabilities evaluate knows
 # Every key evaluate may return: a stochastic bound's extra terms may not take one of these names.
-RESULT_KEYS = frozenset({"elbo", "elbo_se", "passes", "reconstruction", "kl", "iw_nll", "k", "n_images",
+RESULT_KEYS = frozenset({"elbo", "elbo_se", "passes", "draws", "reconstruction", "kl", "iw_nll", "k", "n_images",
                          "bits_per_dim", "active_units", "kl_per_level", "active_units_per_level",
                          "collapsed_levels", "seconds"})
 
@@ -181,21 +181,31 @@ def _named_terms(terms: BoundTerms, batch: int) -> dict[str, Tensor]:
 
 
 @torch.inference_mode()
-def stochastic_bound_of(model) -> Callable[[Tensor], BoundTerms]:
-    """One draw of the model's stochastic bound: a diffusion model's VLB (diffusion.vdm_bound: objectives are written
-    once against the protocol), else the model's own stochastic_bound."""
+def stochastic_bound_of(model, draws: int = 1) -> Callable[[Tensor], BoundTerms]:
+    """An estimate of the model's stochastic bound per image, the mean of `draws` draws: a diffusion model's VLB
+    (diffusion.vdm_bound, its times stratified per image: objectives are written once against the protocol), else
+    the model's own stochastic_bound, called `draws` times."""
     if isinstance(model, DiffusionModel):
         from .diffusion import vdm_bound
 
-        return lambda x: vdm_bound(model, x)
-    return model.stochastic_bound
+        return lambda x: vdm_bound(model, x, draws=draws)
+    if draws == 1:
+        return model.stochastic_bound
+
+    def mean_of_draws(x: Tensor) -> BoundTerms:
+        terms = [model.stochastic_bound(x) for _ in range(draws)]
+        mean = lambda get: torch.stack([get(t) for t in terms]).mean(0)  # noqa: E731
+        return BoundTerms(mean(lambda t: t.reconstruction), mean(lambda t: t.kl), mean(lambda t: t.elbo),
+                          {k: mean(lambda t, k=k: t.extra[k]) for k in terms[0].extra})
+    return mean_of_draws
 
 
 def evaluate_stochastic_bound(model: StochasticBoundModel, x: Tensor, passes: int = 10, batch_size: int = 100,
                               device: str | torch.device = "cpu", progress: bool = True,
-                              seed: int = 0) -> dict[str, Any]:
-    """E[elbo] of a stochastic bound over images x [N, *data]: each of `passes` = R passes draws
-    model.stochastic_bound once per image (for VDM one (t, eps)); every term is the mean over the R N draws, nats.
+                              seed: int = 0, draws: int = 1) -> dict[str, Any]:
+    """E[elbo] of a stochastic bound over images x [N, *data]: each of `passes` = R passes takes, per image, the
+    mean of `draws` draws of the bound (stochastic_bound_of; for VDM one (t, eps) each, the times stratified per
+    image); every term is the mean over the passes and images, nats.
 
     elbo_se = sd(m_1..m_R) / sqrt(R), m_r the mean ELBO of pass r: the Monte Carlo standard error of elbo for these
     images (the spread of the test set itself is not in it). reconstruction, kl and the model's extra terms
@@ -207,7 +217,8 @@ def evaluate_stochastic_bound(model: StochasticBoundModel, x: Tensor, passes: in
     model.eval()
     torch.manual_seed(seed)
     n, n_dims, device = len(x), math.prod(x.shape[1:]), torch.device(device)
-    bound = stochastic_bound_of(model)
+    _check_at_least("draws", draws, 1)
+    bound = stochastic_bound_of(model, draws)
     pass_sums: list[dict[str, float]] = []  # per pass: each term summed over the images, float64
     with tqdm(total=passes * math.ceil(n / batch_size), desc=f"eval bound passes={passes}", file=sys.stderr,
               disable=not progress, leave=False) as bar:
@@ -226,14 +237,14 @@ def evaluate_stochastic_bound(model: StochasticBoundModel, x: Tensor, passes: in
     extra = {name: value for name, value in mean.items() if name not in ("elbo", "reconstruction", "kl")}
     return {
         "elbo": mean["elbo"], "elbo_se": statistics.stdev(s["elbo"] / n for s in pass_sums) / math.sqrt(passes),
-        "passes": passes, "reconstruction": mean["reconstruction"], "kl": mean["kl"], **extra, "n_images": n,
+        "passes": passes, "draws": draws, "reconstruction": mean["reconstruction"], "kl": mean["kl"], **extra, "n_images": n,
         "bits_per_dim": bits_per_dim(-mean["elbo"], n_dims),
     }
 
 
 def evaluate(model: nn.Module, x: Tensor, k: int = 1000, batch_size: int = 100,
              device: str | torch.device = "cpu", progress: bool = True, seed: int = 0,
-             chunk_bytes: int = TENSOR_BYTES, passes: int = 10) -> dict[str, Any]:
+             chunk_bytes: int = TENSOR_BYTES, passes: int = 10, draws: int = 1) -> dict[str, Any]:
     """The metrics that apply to `model` (see `capabilities`) over the images x [N, *data], merged; plus seconds.
 
     Explicit levels: evaluate_levels (k, chunk_bytes). Stochastic bound: evaluate_stochastic_bound (passes). Each
@@ -255,7 +266,7 @@ def evaluate(model: nn.Module, x: Tensor, k: int = 1000, batch_size: int = 100,
     if EXPLICIT_LEVELS in can:
         result = evaluate_levels(model, x, k, batch_size, device, progress, seed, chunk_bytes)
     if STOCHASTIC_BOUND in can:
-        bound = evaluate_stochastic_bound(model, x, passes, batch_size, device, progress, seed)
+        bound = evaluate_stochastic_bound(model, x, passes, batch_size, device, progress, seed, draws)
         if EXPLICIT_LEVELS in can:
             del bound["bits_per_dim"]  # it stays that of iw_nll
         result.update(bound)
