@@ -316,7 +316,7 @@ def test_discrete_loss_is_T_times_the_step_kl_from_first_principles():
     a_ts = a_t / a_s  # q(z_t | z_s) = N(a_ts z_s, s_ts^2)
     s_ts2 = s_t**2 - a_ts**2 * s_s**2
     var = s_ts2 * s_s**2 / s_t**2  # q(z_s | z_t, x) = N(mean(x), var), by Bayes' rule for two Gaussians
-    mean = lambda data: a_ts * s_s**2 / s_t**2 * z_t + a_s * s_ts2 / s_t**2 * data
+    mean = lambda data: a_ts * s_s**2 / s_t**2 * z_t + a_s * s_ts2 / s_t**2 * data  # noqa: E731
     x_hat = smooth_denoiser(z_t, model.gamma(t))
     kl = kl_divergence(Normal(mean(c), var.sqrt()), Normal(mean(x_hat), var.sqrt())).sum(1)  # [T]
     torch.testing.assert_close(loss, steps * kl, rtol=1e-9, atol=1e-12)
@@ -333,7 +333,7 @@ def test_discrete_loss_approaches_the_continuous_loss_as_T_grows():
     eps = torch.randn(pairs, d, dtype=F64, generator=torch.Generator().manual_seed(15))
 
     def mean_loss(model, t):  # [pairs] averaged over the nodes t
-        rows = lambda v: v.repeat_interleave(len(t), 0)
+        rows = lambda v: v.repeat_interleave(len(t), 0)  # noqa: E731
         terms = vdm_terms(model, rows(x), t=t.repeat(pairs), eps=rows(eps))
         return terms.diffusion.reshape(pairs, len(t)).mean(1)
 
@@ -498,7 +498,7 @@ def test_terms_are_float32_when_the_denoiser_runs_under_autocast():
     net = nn.Linear(6, 6)
     model = Stub(linear(-13.3, 5.0), predict=lambda z, g: net(z), data_shape=(6,))
     x = binary_data(8, 6, seed=26, dtype=torch.float32)
-    seed = lambda: torch.Generator().manual_seed(27)
+    seed = lambda: torch.Generator().manual_seed(27)  # noqa: E731
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert net(x).dtype == torch.bfloat16  # the network does run in 16 bits here
         terms = vdm_terms(model, x, generator=seed())

@@ -70,7 +70,7 @@ LAYERS: dict[str, int] = {
     "hvae.state": 9,  # the training state a checkpoint carries (RNG streams, counters) for an exact resume
     # 10 - entry points: the CLI, `python -m hvae`, and the package's public names (hvae/__init__.py).
     "hvae.cli": 10,
-    "hvae.argtypes": 10,  # the CLI's argparse value types and shared flags
+    "hvae.arguments": 10,  # the CLI's parser: argparse value types, shared flags, subcommands
     "hvae.__main__": 10,
     "hvae": 10,
 }

@@ -121,7 +121,7 @@ def class_arithmetic(model, x: Tensor, labels: Tensor | None, from_class: int, t
     The class means are taken over all of x. -> [n', 1 + len(scales), *data], the inputs in column 0.
     """
     if n < 1 or not len(scales):
-        raise ConfigError(f"--n must be >= 1 and --scales not empty; got n={n}, scales={list(scales)}")
+        raise ConfigError(f"n must be >= 1 and scales not empty; got n={n}, scales={list(scales)}")
     vector = attribute_vector(model, x, labels, to_class, from_class)
     source = x[(labels == from_class).to(x.device)][:n].to(model_device(model))
     edited = apply_attribute(model, source, vector, scales)
@@ -260,7 +260,7 @@ def level_resamples(model, x: Tensor, samples: int = 4, temperature: float | Seq
     if not hasattr(model, "resample_lower"):
         raise ConfigError("this picture needs a hierarchical model (mhvae or ladder); a flat VAE has one level")
     if samples < 1:
-        raise ConfigError(f"--samples must be >= 1; got {samples}")
+        raise ConfigError(f"samples must be >= 1; got {samples}")
     try:
         columns = [model.resample_lower(x, keep, temperature) for keep in range(model.n_levels, -1, -1)
                    for _ in range(samples)]

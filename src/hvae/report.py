@@ -58,7 +58,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     opt = options or ReportOptions()
     run_dir = Path(run_dir)
     if opt.k < 1 or opt.limit < 1 or opt.n_samples < 1:
-        raise ConfigError(f"--k, --limit and --n must be >= 1; got {opt.k}, {opt.limit}, {opt.n_samples}")
+        raise ConfigError(f"k, limit and n_samples must be >= 1; got {opt.k}, {opt.limit}, {opt.n_samples}")
     if opt.tsne:
         editing.tsne_class()  # fail before the slow parts when scikit-learn is missing
     model = ckpt.load(run_dir, opt.device, ema=opt.ema)
