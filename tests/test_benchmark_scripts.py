@@ -75,3 +75,21 @@ def test_guard_sync_script_runs_both_guards_and_they_train_alike(idx_dir):
     assert "host-side guard (a sync per step)" in out and "device-side guard (no sync)" in out
     assert "the host-side guard" in out  # the default on a CPU
     assert out.strip().endswith("largest gap between the two runs' final weights: 0")
+
+
+def test_curve_script_trains_in_stages_and_records_the_vdm_bound_per_stage(idx_dir, tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "vdm"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "curve.py"), "--out", str(run), "--every", "1", "--epochs", "2",
+           "--limit", "16", "--passes", "2", "--draws", "2", "--", "--model", "vdm", "--data-dir", str(idx_dir.parent),
+           "--batch-size", "64", "--set", "model.hidden=[32]", "--set", "runtime.threads=1"]
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode == 0
+    lines = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2] and lines[1]["train_seconds"] > lines[0]["train_seconds"] > 0
+    assert all("elbo_se" in r and "iw_nll" not in r and r["n_images"] == 16 for r in lines)  # a VLB, named as such
+    variance = [sys.executable, str(ROOT / "benchmarks" / "vdm_variance.py"), str(run), "--images", "4", "--draws", "3"]
+    table = subprocess.run(variance, capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert table.stdout.count("\n| ") == 6  # header row + five estimators

@@ -1,0 +1,77 @@
+"""A model's test bound against training epochs and seconds: train in stages, evaluating after each.
+
+Trains `hvae train ARGS --epochs E --out RUN` to the first stage, then resumes it stage by stage (a resume replays an
+uninterrupted run exactly on a CPU, so the stages do not change the run). After each stage the run (its EMA weights
+when on) is evaluated on the first --limit test images: the IW bound with --k samples for a model with explicit
+levels, the VLB over --passes passes of --draws stratified draws per image for a diffusion model. Each line of
+RUN/curve.jsonl: epoch, training seconds so far (the sum of the run's epoch_seconds), wall minutes, and the
+evaluation's figures. Stops starting stages after --minutes of wall time or once the training seconds reach
+--budget-seconds (so that models can be compared at equal training seconds).
+
+    python benchmarks/curve.py --out runs/vdm-curve --every 10 --minutes 90 -- --model vdm --set optim.ema=0.999
+    python benchmarks/curve.py --out runs/vae-8bit --budget-seconds 1800 -- --set model.likelihood=logistic
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from hvae.cli import main as hvae  # noqa: E402
+
+KEYS = ("elbo", "elbo_se", "iw_nll", "k", "reconstruction", "kl", "prior_kl", "diffusion", "bits_per_dim", "n_images",
+        "passes", "draws")
+
+
+def train_seconds(run: Path) -> float:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return sum(r["epoch_seconds"] for r in records if "epoch_seconds" in r)
+
+
+def evaluate(run: Path, args) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert hvae(["eval", run, "--limit", args.limit, "--k", args.k, "--passes", args.passes, "--draws",
+                     args.draws, "--json", "--no-progress", "--device", args.device]) == 0
+    return json.loads(out.getvalue())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--every", type=int, default=10, help="epochs per stage")
+    ap.add_argument("--epochs", type=int, default=10_000, help="stop after this many epochs")
+    ap.add_argument("--minutes", type=float, default=120.0, help="start no stage after this much wall time")
+    ap.add_argument("--budget-seconds", type=float, default=float("inf"), help="start no stage past these training seconds")
+    ap.add_argument("--limit", type=int, default=2000)
+    ap.add_argument("--k", type=int, default=1000)
+    ap.add_argument("--passes", type=int, default=4)
+    ap.add_argument("--draws", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("train_args", nargs="*", help="after --: arguments for hvae train (not --epochs, --out)")
+    args = ap.parse_args()
+    start, epoch = time.perf_counter(), 0
+    while (epoch < args.epochs and (time.perf_counter() - start) / 60 < args.minutes
+           and (epoch == 0 or train_seconds(args.out) < args.budget_seconds)):
+        epoch = min(args.epochs, epoch + args.every)
+        if (args.out / "checkpoints").exists():
+            argv = ["train", "--resume", args.out, "--epochs", epoch, "--no-progress"]
+        else:
+            argv = ["train", *args.train_args, "--epochs", epoch, "--out", args.out, "--no-progress"]
+        assert hvae(argv) == 0
+        result = evaluate(args.out, args)
+        line = {"epoch": epoch, "train_seconds": train_seconds(args.out),
+                "wall_minutes": (time.perf_counter() - start) / 60, **{k: result[k] for k in KEYS if k in result}}
+        with open(args.out / "curve.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(json.dumps(line), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
