@@ -127,6 +127,7 @@ def test_mistyped_set_value(capsys, tmp_path, data_root, item, fragment):
     ("train.log_every=0", "train.log_every must be >= 1"), ("optim.max_nonfinite=0", "optim.max_nonfinite must be >= 1"),
     ("optim.max_skips=-1", "optim.max_skips must be >= 0"),
     ("train.checkpoint_every=-5", "train.checkpoint_every must be >= 0"),
+    ("train.checkpoint_minutes=-1", "train.checkpoint_minutes must be >= 0"),
     ("runtime.num_nodes=0", "runtime.num_nodes must be >= 1")])
 def test_out_of_range_loop_settings(capsys, tmp_path, data_root, item, fragment):
     expect_bad_input(capsys, ["train", "--data-dir", data_root, "--out", tmp_path / "out", *TINY, "--set", item],

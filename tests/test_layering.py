@@ -65,9 +65,11 @@ LAYERS: dict[str, int] = {
     "hvae.visualize": 9,
     "hvae.plots": 9,
     "hvae.report": 9,
+    "hvae.explore": 9,  # the latent explorer: a local web server over a run
     "hvae.loop": 9,  # the training loop: train() (hvae.train) and fit
     "hvae.optim": 9,  # the optimizer, EMA and update guard
     "hvae.state": 9,  # the training state a checkpoint carries (RNG streams, counters) for an exact resume
+    "hvae.preemption": 9,  # when the loop checkpoints and stops: SIGTERM/SIGINT, checkpoint_minutes
     # 10 - entry points: the CLI, `python -m hvae`, and the package's public names (hvae/__init__.py).
     "hvae.cli": 10,
     "hvae.arguments": 10,  # the CLI's parser: argparse value types, shared flags, subcommands

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import explore
 from .errors import ConfigError
 
 
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, help="run directory (refused if it exists and is not empty)")
     t.add_argument("--overwrite", action="store_true", help="allow --out to be an existing non-empty run directory")
     t.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    t.add_argument("--auto-resume", action="store_true",
+                   help="with --out DIR: start the run if DIR is new or empty, resume it if DIR holds a run of this "
+                        "config (--epochs and --device may differ), refuse another config (for requeued jobs)")
 
     e = command("eval", "run", "ema", "progress", help="ELBO terms, IW-NLL, bits/dim, active units")
     e.add_argument("--k", type=at_least(1), default=1000, help="importance samples (default 1000)")
@@ -183,4 +187,5 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--n", type=at_least(1), default=64, help="samples shown")
     rp.add_argument("--temperature", type=lambda v: numbers(low=0)(v)[0], default=1.0)
     rp.add_argument("--tsne", action="store_true", help="add a t-SNE view (needs scikit-learn)")
+    explore.add_parser(sub, p)
     return parser

@@ -10,8 +10,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -29,13 +30,16 @@ def _umask() -> int:
     return mask
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file atomically: temp file in the same folder, fsync, rename (a failed write leaves no temp
-    file, and the old file whole)."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing; when the block ends, flush it, fsync it and rename it to
+    `path`. A failure or an interrupt (KeyboardInterrupt, SIGTERM in the CLI) removes it: `path` is never
+    half-written, and an old file there stays whole. Every file hvae writes for a user goes through here."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would (mkstemp makes it private)
@@ -43,6 +47,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically (atomic_file)."""
+    with atomic_file(path, "w") as f:
+        f.write(text)
 
 
 def write_json(path: Path, obj: Any) -> None:

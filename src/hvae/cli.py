@@ -1,28 +1,39 @@
 """hvae's command line: argparse subcommands that parse, then call library functions.
 
-Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 anything else. Option values are checked by
-their argparse types; the library's errors name config keys, and `main` adds the flag that set a key.
+Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 anything else, 3 (EXIT_STOPPED) training stopped
+by SIGTERM or SIGINT after writing a checkpoint (one line says how to resume), 128 + N interrupted by signal N
+(a second signal while training stops, SIGTERM or Ctrl-C in the other commands; an output file being written is
+left as it was). Option values are checked by their argparse types; the library's errors name config keys, and
+`main` adds the flag that set a key.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
+import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
+from . import explore
 from .arguments import TRAIN_FLAGS, UsageError, build_parser
 from .config import ConfigError, resolve
 from .data import load_dataset, test_input
 from .errors import InputError, RunDirError
+from .preemption import EXIT_STOPPED, TrainingStopped, sigterm_interrupts
 
 
-def cmd_train(args) -> int:
-    from .loop import train
-
+def train_arguments(args) -> dict:
+    """hvae.train's arguments for this command line: a resume (only --epochs and --device may change) or a new
+    run's resolved config (with --auto-resume: start or resume)."""
     flags = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items()}
+    if args.auto_resume and (args.resume or args.overwrite):
+        raise ConfigError("--auto-resume starts or resumes the run by itself; "
+                          f"drop --{'resume' if args.resume else 'overwrite'}")
     if args.resume:
         if not args.resume.is_dir():
             raise RunDirError(f"--resume {args.resume}: no such run directory; pass the --out folder of hvae train")
@@ -32,14 +43,27 @@ def cmd_train(args) -> int:
         if others or args.set or args.config:
             raise ConfigError("--resume uses the run's saved config; only --epochs and --device may change "
                               f"(got --{(others or ['config' if args.config else 'set'])[0].replace('_', '-')})")
-        train(out=args.resume, resume=True, progress=not args.no_progress, argv=sys.argv, train__epochs=args.epochs,
-              runtime__accelerator=args.device)
-    else:
-        if not args.out:
-            raise ConfigError("hvae train needs --out DIR (the run directory) or --resume DIR")
-        train(resolve(args.config, flags, args.set), args.out, overwrite=args.overwrite, progress=not args.no_progress,
-              argv=sys.argv)
-    print(f"trained: {args.resume or args.out}", file=sys.stderr)
+        return {"out": args.resume, "resume": True, "train__epochs": args.epochs, "runtime__accelerator": args.device}
+    if not args.out:
+        raise ConfigError("hvae train needs --out DIR (the run directory) or --resume DIR")
+    return {"config": resolve(args.config, flags, args.set), "out": args.out, "overwrite": args.overwrite,
+            "auto_resume": args.auto_resume}
+
+
+def cmd_train(args) -> int:
+    from .loop import train
+
+    try:
+        _, out = train(**train_arguments(args), progress=not args.no_progress, argv=sys.argv)
+    except TrainingStopped as e:
+        # Why 0 on the other ranks: Lightning's launcher kills rank 0 (which may still be writing) when another rank
+        # exits with any other code; the stop is reported by rank 0, the process that was started.
+        if e.rank == 0:
+            again = "rerun this same command to resume" if args.auto_resume else \
+                f"resume with: hvae train --resume {shlex.quote(str(e.out))}"
+            print(f"hvae train: {e}; {again}", file=sys.stderr)
+        return EXIT_STOPPED if e.rank == 0 else 0
+    print(f"trained: {out}", file=sys.stderr)
     return 0
 
 
@@ -205,7 +229,9 @@ def cmd_report(args) -> int:
     try:
         print(build_report(args.run, out, options))
     except OSError as e:
-        if e.filename is None or Path(e.filename) not in (out, *out.parents):
+        written = e.filename is not None and (Path(e.filename) in (out, *out.parents)
+                                              or Path(e.filename).parent == out.parent)  # or its temporary file
+        if not written:
             raise
         raise ConfigError(f"cannot write {out}: {e.strerror or e}; choose another --out") from None
     return 0
@@ -214,8 +240,6 @@ def cmd_report(args) -> int:
 @torch.no_grad()
 def cmd_encode(args) -> int:
     """RUN/latents.npz: z{t}_mean [N, D_t], E_q[z_t | x] for each level t (1 nearest x), and the labels when known."""
-    import numpy as np
-
     from .editing import latent_arrays
 
     _, model, images = load_run(args)
@@ -226,13 +250,21 @@ def cmd_encode(args) -> int:
     out = args.out or args.run / "latents.npz"
     if out.suffix != ".npz" and not out.is_dir():  # what numpy would write
         out = out.with_name(out.name + ".npz")
-    write_output(out, lambda path: np.savez(path, **arrays))
+    write_output(out, lambda path: write_npz(path, arrays))
     return 0
+
+
+def write_npz(path: Path, arrays: dict) -> None:
+    """np.savez, atomically (a file object: numpy adds no suffix to the temporary file's name)."""
+    import numpy as np
+
+    with ckpt.atomic_file(path) as f:
+        np.savez(f, **arrays)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "reconstruct": cmd_reconstruct,
             "interpolate": cmd_interpolate, "levels": cmd_levels, "edit": cmd_edit, "report": cmd_report,
-            "encode": cmd_encode}
+            "encode": cmd_encode, "explore": explore.cmd_explore}
 
 
 def with_flag(message: str, argv: list[str]) -> str:
@@ -254,16 +286,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{' '.join(e.prog.split()[:2])}: error: {e}", file=sys.stderr)  # 'hvae edit', as other errors say
         return 2
     try:
-        return COMMANDS[args.command](args)
+        with nullcontext() if args.command == "train" else sigterm_interrupts():  # train: its own handlers
+            return COMMANDS[args.command](args)
     except InputError as e:
         print(f"hvae {args.command}: error: {with_flag(str(e), argv)}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"hvae {args.command}: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"hvae {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM (sigterm_interrupts); a second signal in training (StopNow)
+        print(f"hvae {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
 
 
 def entry() -> None:

@@ -52,6 +52,8 @@ class TrainConfig:
     batch_size: int = option(128, ge=1, help="global batch, split across devices")
     seed: int = option(0, ge=0, lt=2**32)
     checkpoint_every: int = option(0, ge=0, help="steps between checkpoints (0: each epoch end only)")
+    checkpoint_minutes: float = option(10.0, ge=0, help="also a checkpoint when this much wall time has passed since "
+                                       "the last one, so a SIGKILL loses at most that much (0: off)")
     log_every: int = option(50, ge=1, help="steps between metric lines")
     tensorboard: bool = option(False, help="also write TensorBoard events (pip install 'hvae[tensorboard]')")
 

@@ -3,7 +3,8 @@
 `train()` is the public entry (the CLI's `hvae train` and Python alike): it checks what only a run can check,
 prepares the run directory, and calls `fit`, which reads top to bottom: set-up (Fabric, data, model, optimizer,
 resume), then per step `train_step` (objective, backward, the update guard, update, EMA), logging, checkpoints and
-`end_epoch`. Lightning Fabric handles devices, precision and DDP; the state a resume needs is a TrainState.
+`end_epoch`. Lightning Fabric handles devices, precision and DDP; the state a resume needs is a TrainState; when to
+checkpoint and when to stop on a signal (SIGTERM, SIGINT), a Preemption (preemption.py).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from .evaluate import EXPLICIT_LEVELS, capabilities, stochastic_bound_of
 from .models import build_model
 from .objectives import ElboTerms, elbo
 from .optim import EMA, TrainingError, UpdateGuard, make_optimizer
-from .rundir import MetricsLog, clear_training_outputs, prepare_new, write_provenance
+from .preemption import Preemption, TrainingStopped
+from .rundir import MetricsLog, clear_training_outputs, prepare_new, start_or_resume, write_provenance
 from .state import TrainState
 
-__all__ = ["train", "fit", "TrainingError"]
+__all__ = ["train", "fit", "TrainingError", "TrainingStopped"]
 
 
 class Objective(nn.Module):
@@ -110,10 +112,13 @@ def end_epoch(fabric: Fabric, log: MetricsLog | None, state: TrainState, epoch: 
 
 def save(out: Path, fabric: Fabric, state: TrainState, guard: UpdateGuard, model: nn.Module, ema: EMA | None,
          data_shape) -> None:
-    """Checkpoint (rank 0): weights, EMA, the TrainState, the optimizer (with its parameters' names) and loss scale."""
+    """Checkpoint (every rank calls it, rank 0 writes): weights, EMA, the TrainState (with every rank's RNG streams
+    and epoch sums), the optimizer (with its parameters' names) and loss scale."""
     guard.settle(state.step)  # no checkpoint after max_nonfinite bad steps in a row
+    # every rank's RNG streams and epoch sums (on the device: NCCL gathers nothing else)
+    ranks = fabric.all_gather(fabric.to_device(state.rank_record())) if fabric.world_size > 1 else None
     if fabric.global_rank == 0:
-        saved = {**state.state_dict(fabric.world_size), "data_shape": list(data_shape),
+        saved = {**state.state_dict(fabric.world_size, ranks), "data_shape": list(data_shape),
                  "optimizer": guard.optimizer.state_dict(), "param_names": [n for n, _ in model.named_parameters()]}
         if guard.scaler is not None:
             saved["scaler"] = guard.scaler.state_dict()
@@ -144,14 +149,15 @@ def training_split(cfg: Config, data: Dataset, fabric: Fabric) -> tuple[Tensor, 
     return train_x.to(fabric.device), val_x, len(train_x) // t.batch_size
 
 
-def restore(out: Path, model: nn.Module, state: TrainState) -> tuple[dict, dict | None]:
-    """Resume: the weights into `model`, the TrainState (step, counters, guard runs, epoch so far, RNG streams) as
-    saved. -> (the saved state, for the optimizer and loss scale once Fabric has placed them; the EMA weights)."""
+def restore(out: Path, model: nn.Module, state: TrainState, rank: int, world: int) -> tuple[dict, dict | None]:
+    """Resume: the weights into `model`, the TrainState (step, counters, guard runs, epoch so far, this rank's RNG
+    streams) as saved. -> (the saved state, for the optimizer and loss scale once Fabric has placed them; the EMA
+    weights)."""
     last = ckpt.checkpoint_dir(out)
     saved = ckpt.load_state(last)
     ckpt.load_weights_into(model, ckpt.load_tensors(last / "model.safetensors"), last)
     ema = ckpt.load_tensors(last / "ema.safetensors") if (last / "ema.safetensors").exists() else None
-    state.load_state_dict(saved)
+    state.load_state_dict(saved, rank, world)
     return saved, ema
 
 
@@ -192,7 +198,7 @@ def fit(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = N
     model = model if model is not None else build_model(cfg.model, data.data_shape)
     torch.manual_seed(t.seed * 1000 + rank)
     state = TrainState(torch.Generator(device=fabric.device).manual_seed(t.seed * 1000 + 1 + rank), fabric.device)
-    saved, ema_weights = restore(out, model, state) if resume else (None, None)
+    saved, ema_weights = restore(out, model, state, rank, world) if resume else (None, None)
     # The run directory: only now (everything above succeeded) does an earlier run in it (--overwrite) go.
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +210,9 @@ def fit(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = N
     params = [p for p in model.parameters() if p.requires_grad]
     log = MetricsLog(out / "metrics.jsonl", state.step if resume else None, t.tensorboard) if rank == 0 else None
 
-    # The loop: batch -> train_step -> log every log_every steps -> checkpoint -> end of epoch.
+    # The loop: batch -> train_step -> log every log_every steps -> checkpoint -> end of epoch. A checkpoint comes
+    # every checkpoint_every steps, every checkpoint_minutes, and when SIGTERM/SIGINT asks to stop (then it stops).
+    steps, preemption = t.epochs * steps_per_epoch, Preemption(t, world).start()  # its signal handlers until close()
     try:
         for epoch in range(state.step // steps_per_epoch, t.epochs):
             order = epoch_order(len(train_x), t.seed, epoch).to(fabric.device)
@@ -224,13 +232,16 @@ def fit(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = N
                     guard.settle(state.step)
                     log_step(fabric, log, state, loss, terms, norm, kl_weight, steps_per_epoch, bar)
                 # (an epoch's last step: the epoch-end checkpoint below, after its record)
-                if t.checkpoint_every and state.step % t.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                if preemption.checkpoint_due(state.step) and i + 1 < steps_per_epoch:
                     save(out, fabric, state, guard, model, ema, data.data_shape)
+                    preemption.saved(state.step, steps, out, rank)  # stops here if a signal asked to
             bar.close()
             guard.settle(state.step)
             end_epoch(fabric, log, state, epoch, cfg, model, params, ema, val_x)
             save(out, fabric, state, guard, model, ema, data.data_shape)
+            preemption.saved(state.step, steps, out, rank, finished=epoch + 1 == t.epochs)
     finally:
+        preemption.close()
         if log:
             log.close()
     return model
@@ -259,35 +270,38 @@ def _is_launcher() -> bool:
 
 
 def train(config: Config | dict | None = None, out: str | os.PathLike | None = None, *, model: nn.Module | None = None,
-          data: str | None = None, data_dir: str | None = None, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, argv: list[str] | None = None, **changes) -> tuple[nn.Module, Path]:
+          data: str | None = None, data_dir: str | None = None, resume: bool = False, auto_resume: bool = False,
+          overwrite: bool = False, progress: bool = True, argv: list[str] | None = None,
+          **changes) -> tuple[nn.Module, Path]:
     """Train a model into the run directory `out`, with the contracts of `hvae train`. -> (trained model, run dir).
 
     config: a Config, a dict in config.json's layout, or None (the defaults); `changes` set dotted keys by
     keyword with '__' for '.', e.g. train__epochs=5. model: start from this model's weights; it must be one that
     hvae built (hvae.build_model, hvae.load), so its config is known. data: a dataset name or a .npz/.npy path
     (data.dataset), data_dir: where its files are. resume: go on from the last checkpoint in `out`, with the run's
-    own config (train__epochs may change). overwrite: replace a non-empty `out`.
+    own config (train__epochs may change). auto_resume: start the run if `out` is new or empty, resume it if `out`
+    holds a run of this same config (train.epochs and runtime.accelerator may differ: this call's are used), refuse
+    one of another config; so a requeued job repeats its command unchanged. overwrite: replace a non-empty `out`.
+    A signal (SIGTERM, SIGINT) stops training after a checkpoint: TrainingStopped is raised.
     """
     if out is None:
         raise ConfigError("train needs out, the run directory")
     out = Path(out)
+    if auto_resume and (resume or overwrite):
+        raise ConfigError("auto_resume starts or resumes the run by itself; drop resume and overwrite")
     if resume:
-        if not out.is_dir():
-            raise ConfigError(f"resume: no run directory {out}")
-        extra = set(changes) - {"train__epochs", "runtime__accelerator"}
-        if config is not None or model is not None or data is not None or data_dir is not None or extra:
-            raise ConfigError("resume uses the run's saved config; only the epochs and the accelerator may change")
-        cfg = apply(ckpt.read_config(out), {k.replace("__", "."): v for k, v in changes.items() if v is not None})
+        cfg = resumed_config(out, config, model, data, data_dir, changes)
     else:
-        cfg = config if isinstance(config, Config) else from_dict(config or {})
-        if model is not None:
-            if getattr(model, "config", None) is None:
-                raise ConfigError("model: pass a model built by hvae.build_model or hvae.load (its config is saved "
-                                  "with the run), or pass config instead")
-            cfg = replace(cfg, model=model.config)
-        updates = {"data.dataset": data, "data.data_dir": data_dir, **{k.replace("__", "."): v for k, v in changes.items()}}
-        cfg = absolute_paths(apply(cfg, {k: v for k, v in updates.items() if v is not None}))
+        cfg = new_config(config, model, data, data_dir, changes)
+        how = start_or_resume(out, cfg) if auto_resume else "start"
+        if how == "resume":  # the run's own config, with this call's epochs and accelerator
+            resume, model = True, None
+            cfg = resumed_config(out, None, None, None, None, {"train__epochs": cfg.train.epochs,
+                                                               "runtime__accelerator": cfg.runtime.accelerator})
+        overwrite = overwrite or how == "restart"
+        if how != "start" and _is_launcher():
+            print(f"auto-resume: {out} holds this run; " + ("resuming it from its last checkpoint" if resume else
+                  "it has no checkpoint yet, so it starts again"), file=sys.stderr)
     check_runtime(cfg)
     loaded = None  # other DDP ranks load the data inside fit()
     if _is_launcher():
@@ -303,6 +317,29 @@ def train(config: Config | dict | None = None, out: str | os.PathLike | None = N
             prepare_new(out, overwrite)
     trained = fit(cfg, out, resume=resume, argv=argv, progress=progress, data=loaded, model=model)
     return trained, out
+
+
+def resumed_config(out: Path, config, model, data, data_dir, changes: dict) -> Config:
+    """The config of a resumed run: the run's own, where only the epochs and the accelerator may change."""
+    if not out.is_dir():
+        raise ConfigError(f"resume: no run directory {out}")
+    extra = set(changes) - {"train__epochs", "runtime__accelerator"}
+    if config is not None or model is not None or data is not None or data_dir is not None or extra:
+        raise ConfigError("resume uses the run's saved config; only the epochs and the accelerator may change")
+    return apply(ckpt.read_config(out), {k.replace("__", "."): v for k, v in changes.items() if v is not None})
+
+
+def new_config(config, model: nn.Module | None, data, data_dir, changes: dict) -> Config:
+    """The config of a new run: `config` (a Config, a dict, None), the model's own config when starting from a
+    model, then the data and the dotted `changes`; paths made absolute."""
+    cfg = config if isinstance(config, Config) else from_dict(config or {})
+    if model is not None:
+        if getattr(model, "config", None) is None:
+            raise ConfigError("model: pass a model built by hvae.build_model or hvae.load (its config is saved "
+                              "with the run), or pass config instead")
+        cfg = replace(cfg, model=model.config)
+    updates = {"data.dataset": data, "data.data_dir": data_dir, **{k.replace("__", "."): v for k, v in changes.items()}}
+    return absolute_paths(apply(cfg, {k: v for k, v in updates.items() if v is not None}))
 
 
 def check_sizes(cfg: Config, data: Dataset) -> None:

@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .checkpoint import atomic_file
 from .data import DataError
 
 Out = str | Path | IO[bytes]
@@ -53,9 +54,13 @@ def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, li
 
 
 def _write(fig: Figure, out: Out) -> Out:
-    if isinstance(out, (str, Path)):
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    """The figure as PNG into `out`: a file object, or a path (written atomically)."""
+    if not isinstance(out, (str, Path)):
+        fig.savefig(out, format="png")
+        return out
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as f:
+        fig.savefig(f, format="png")
     return out
 
 

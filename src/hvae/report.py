@@ -79,7 +79,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
             _reconstruction_section(model, x, show), *code, _curves_section(run_dir / "metrics.jsonl")]
     out = Path(out) if out is not None else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_page(f"hvae report: {run_dir.name}", body), encoding="utf-8")
+    with ckpt.atomic_file(out) as f:  # an interrupted report leaves no half-written page
+        f.write(_page(f"hvae report: {run_dir.name}", body).encode("utf-8"))
     return out
 
 

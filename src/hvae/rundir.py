@@ -1,4 +1,5 @@
-"""The run directory contract: refuse to clobber, record provenance, keep metrics append-only."""
+"""The run directory contract: refuse to clobber, start or resume (auto-resume), record provenance, keep metrics
+append-only."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import RunDirError
-from .checkpoint import write_json, write_text_atomic
+from .checkpoint import checkpoint_dir, read_config, write_json, write_text_atomic
+from .config import Config, flatten, to_dict
+from .errors import CheckpointError, ConfigError, RunDirError
 
 
 # What `hvae train` writes into a run directory besides config.json and provenance.json (rewritten at the start).
@@ -32,6 +34,28 @@ def prepare_new(out: Path, overwrite: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create run directory {out}: {e.strerror or e}; choose another --out") from None
+
+
+# What may differ between a run and the command that resumes it (as with --resume).
+MAY_CHANGE_ON_RESUME = ("train.epochs", "runtime.accelerator")
+
+
+def start_or_resume(out: Path, cfg: Config) -> str:
+    """auto_resume: "start" a run in `out` (new, empty, or not a run: then the usual checks refuse it), "resume"
+    the run of this same config in it, or "restart" it (this config, but it never reached a checkpoint). A run of
+    another config is refused, naming the first key that differs."""
+    if not (out / "config.json").is_file():
+        return "start"
+    theirs, mine = flatten(to_dict(read_config(out))), flatten(to_dict(cfg))
+    for key in [*mine, *(k for k in theirs if k not in mine)]:
+        if key not in MAY_CHANGE_ON_RESUME and theirs.get(key) != mine.get(key):
+            raise ConfigError(f"auto-resume: {out} holds a run of another config ({key} is {theirs.get(key)!r} there, "
+                              f"{mine.get(key)!r} here); choose another output folder, or that run's settings")
+    try:
+        checkpoint_dir(out)
+    except CheckpointError:
+        return "restart"
+    return "resume"
 
 
 def clear_training_outputs(out: Path) -> None:

@@ -2,7 +2,9 @@
 
 Randomness is restartable: the epoch order is a function of (seed, epoch), and the binarization and
 reparameterization RNG streams travel in each checkpoint, so a resumed run replays an uninterrupted one exactly on
-a CPU. The checkpoint's state keys are those of every hvae run so far (older checkpoints load).
+a CPU. With several processes, every rank's streams and epoch sums travel too (under "ranks"), so a DDP run resumed
+on as many processes replays exactly as well. The checkpoint's state keys are those of every hvae run so far
+(older checkpoints load).
 """
 
 from __future__ import annotations
@@ -71,17 +73,30 @@ class TrainState:
     def epoch_seconds(self) -> float:
         return time.perf_counter() - self.epoch_started
 
-    def state_dict(self, world: int = 1) -> dict:
-        """What a checkpoint stores of this record (the caller adds optimizer, scaler and data shape)."""
-        return {"step": self.step, "counters": self.counters, "rng": rng_state(self.data_gen, self.device, world),
-                "guard": [self.bad_in_a_row, self.skips_in_a_row], "epoch_sums": self.sums.tolist(),
-                "epoch_seconds": self.epoch_seconds()}
+    def state_dict(self, world: int = 1, ranks: dict | None = None) -> dict:
+        """What a checkpoint stores of this record (the caller adds optimizer, scaler and data shape). `ranks`: with
+        several ranks, their rank_record()s all-gathered ([world, ...] per tensor), stored as one record per rank."""
+        saved = {"step": self.step, "counters": self.counters, "rng": rng_state(self.data_gen, self.device, world),
+                 "guard": [self.bad_in_a_row, self.skips_in_a_row], "epoch_sums": self.sums.tolist(),
+                 "epoch_seconds": self.epoch_seconds()}
+        if ranks is not None:
+            saved["ranks"] = [{"rng": {**{k: v[r].cpu() for k, v in ranks["rng"].items()},
+                                       "data_device": self.data_gen.device.type},
+                               "epoch_sums": ranks["epoch_sums"][r].tolist()} for r in range(world)]
+        return saved
 
-    def load_state_dict(self, saved: dict) -> None:
+    def rank_record(self) -> dict:
+        """This rank's own RNG streams (its CUDA stream too) and epoch sums, as tensors of the same shapes on every
+        rank, for rank 0 to gather into the checkpoint."""
+        rng = {k: v for k, v in rng_state(self.data_gen, self.device).items() if isinstance(v, Tensor)}
+        return {"rng": rng, "epoch_sums": self.sums}
+
+    def load_state_dict(self, saved: dict, rank: int = 0, world: int = 1) -> None:
         """Restore step, counters, guard runs, RNG streams, and the epoch so far (keys older checkpoints lack keep
-        their start values)."""
+        their start values). With as many ranks as saved ones, each rank takes back its own streams and sums."""
         self.step, self.counters = saved["step"], saved["counters"]
         self.bad_in_a_row, self.skips_in_a_row = saved.get("guard", (0, 0))
+        own = saved["ranks"][rank] if world > 1 and len(saved.get("ranks", [])) == world else saved
         if "epoch_sums" in saved:
-            self._carried = (saved["epoch_sums"], saved["epoch_seconds"])
-        set_rng_state(saved["rng"], self.data_gen, self.device)
+            self._carried = (own["epoch_sums"], saved["epoch_seconds"])
+        set_rng_state(own["rng"], self.data_gen, self.device)

@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from .checkpoint import atomic_file
+
 
 def to_unit_range(images: Tensor, likelihood: str) -> Tensor:
     """Likelihood means -> [0, 1] for display (the logistic likelihood works on [-1, 1])."""
@@ -44,10 +46,11 @@ def rows(images: Tensor) -> tuple[Tensor, int]:
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 2) -> Path:
-    """Write a PNG grid of [N, C, H, W] images in [0, 1], upscaled `scale` times (nearest)."""
+    """Write a PNG grid of [N, C, H, W] images in [0, 1], upscaled `scale` times (nearest); atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(images, nrow, scale).save(path, format="PNG")
+    with atomic_file(path) as f:
+        grid_image(images, nrow, scale).save(f, format="PNG")
     return path
 
 
