@@ -26,9 +26,9 @@ from .evaluate import ACTIVE_THRESHOLD, evaluate
 from .protocol import DiffusionModel
 from .visualize import png_bytes, rows, to_unit_range
 
-SECTIONS = (("config", "Configuration"), ("evaluation", "Evaluation"), ("samples", "Samples"),
-            ("reconstructions", "Reconstructions"), ("interpolations", "Interpolations"),
-            ("latent-views", "Latent views"), ("training-curves", "Training curves"))
+SECTIONS = (("evaluation", "Evaluation"), ("samples", "Samples"), ("reconstructions", "Reconstructions"),
+            ("interpolations", "Interpolations"), ("latent-views", "Latent views"),
+            ("training-curves", "Training curves"), ("config", "Configuration"))
 CLASS_NAMES = {"fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                                  "Sneaker", "Bag", "Ankle boot")}
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -75,8 +75,10 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     else:
         code = [_interpolation_section(model, x, show),
                 _latent_section(model, x, y, CLASS_NAMES.get(cfg.data.dataset), opt, show)]
-    body = [_config_section(cfg, run_dir), _evaluation_section(result), _samples_section(model, opt, show),
-            _reconstruction_section(model, x, show), *code, _curves_section(run_dir / "metrics.jsonl")]
+    # The headline figures and samples first; the configuration tables, folded, at the end.
+    body = [_headline(result, run_dir), _evaluation_section(result), _samples_section(model, opt, show),
+            _reconstruction_section(model, x, show), *code, _curves_section(run_dir / "metrics.jsonl"),
+            _config_section(cfg, run_dir)]
     out = Path(out) if out is not None else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     with ckpt.atomic_file(out) as f:  # an interrupted report leaves no half-written page
@@ -138,7 +140,20 @@ def _config_section(cfg, run_dir: Path) -> str:
         info = ckpt.read_json(prov)
         keep = ("hvae", "torch", "git_commit", "cpu", "gpu", "command")
         parts.append("<h3>provenance</h3>" + _table({k: info.get(k) for k in keep if k in info}, exact=True))
-    return _section("config", *parts)
+    return _section("config", "<details><summary>the resolved config and the provenance of the run</summary>",
+                    *parts, "</details>")
+
+
+def _headline(result: dict[str, Any], run_dir: Path) -> str:
+    """The figures a reader looks for first, and how to walk the run's latent space live (hvae explore)."""
+    if "elbo_se" in result:
+        bound = f"VLB {-result['elbo']:.2f} ± {result['elbo_se']:.2f} nats (a one-sample bound)"
+    else:
+        bound = f"IW-NLL {result['iw_nll']:.2f} nats (k = {result['k']}), -ELBO {-result['elbo']:.2f}"
+    units = f", {result['active_units']} active units" if "active_units" in result else ""
+    text = f"{bound}, {result['bits_per_dim']:.4f} bits/dim on {result['n_images']} test images{units}."
+    explore = f"Walk this run's latent space live: hvae explore {run_dir}, then open http://127.0.0.1:8765/"
+    return f'<p class="headline"><b>{html.escape(text)}</b></p>' + _note(explore)
 
 
 def _evaluation_section(result: dict[str, Any]) -> str:
