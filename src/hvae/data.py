@@ -31,6 +31,8 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 NUMPY_READ_ERRORS = (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile)  # what np.load raises on bad files
 TEST_SEED = 0
+CLASS_NAMES = {"fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                 "Sneaker", "Bag", "Ankle boot")}  # label k's name, where the data set has names
 
 
 @dataclass(frozen=True)

@@ -539,8 +539,7 @@ def add_parser(subparsers, parents: dict):
 def open_run(run: str | Path, device: str = "cpu", data_dir: str | None = None, ema: bool = True) -> Explorer:
     """The Explorer of a run directory: its model (EMA weights when it has them and ema), its test set."""
     from . import checkpoint as ckpt
-    from .data import load_dataset, test_input
-    from .report import CLASS_NAMES
+    from .data import CLASS_NAMES, load_dataset, test_input
 
     run = Path(run)
     model = ckpt.load(run, device, ema=ema)

@@ -21,7 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from . import editing, plots
 from .config import ConfigError, from_dict, to_dict
-from .data import load_dataset, test_input
+from .data import CLASS_NAMES, load_dataset, test_input
 from .evaluate import ACTIVE_THRESHOLD, evaluate
 from .protocol import DiffusionModel
 from .visualize import png_bytes, rows, to_unit_range
@@ -29,8 +29,6 @@ from .visualize import png_bytes, rows, to_unit_range
 SECTIONS = (("evaluation", "Evaluation"), ("samples", "Samples"), ("reconstructions", "Reconstructions"),
             ("interpolations", "Interpolations"), ("latent-views", "Latent views"),
             ("training-curves", "Training curves"), ("config", "Configuration"))
-CLASS_NAMES = {"fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                                 "Sneaker", "Bag", "Ankle boot")}
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 nav a{margin-right:1em}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;
 text-align:left;font-size:.9em}figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
