@@ -11,7 +11,8 @@ import torch
 
 from hvae.errors import ConfigError
 from hvae.likelihoods import bin_centres
-from hvae.models.vdm import VDM, VDMConfig, alpha_sigma, make_schedule
+from hvae.models.vdm import VDM, VDMConfig, make_schedule
+from hvae.numerics import vp_alpha_sigma as alpha_sigma
 from hvae.nets import UNet
 from hvae.protocol import DiffusionModel, LatentVariableModel
 from hvae.schema import check_section

@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from . import explore
 from .arguments import TRAIN_FLAGS, UsageError, build_parser
 from .config import ConfigError, resolve
-from .data import load_dataset, test_input
+from .data import test_set
 from .errors import InputError, RunDirError
 from .preemption import EXIT_STOPPED, TrainingStopped, sigterm_interrupts
 
@@ -74,12 +74,11 @@ def load_run(args):
                       ema=not getattr(args, "no_ema", False))
 
     def images(n: int | None = None, labels: bool = False):
-        data = load_dataset(cfg.data.dataset, args.data_dir or cfg.data.data_dir)
-        x = test_input(data.test_x, cfg.model.likelihood)  # fixed-seed binarization over all, then slice
+        x, y = test_set(cfg.data.dataset, args.data_dir or cfg.data.data_dir, cfg.model.likelihood)  # then sliced
         if n is not None and n > len(x):
             print(f"note: {n} test images asked for, the test set has {len(x)}: using all {len(x)}", file=sys.stderr)
         x = (x if n is None else x[:n]).to(next(model.parameters()).device)
-        return (x, data.test_y) if labels else x
+        return (x, y) if labels else x
     return cfg, model, images
 
 

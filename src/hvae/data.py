@@ -268,6 +268,13 @@ def test_input(images: Tensor, likelihood: str) -> Tensor:
     return fixed_binarized_test(images) if likelihood == "bernoulli" else to_model_input(images, likelihood)
 
 
+def test_set(dataset: str, data_dir: str | os.PathLike | None, likelihood: str) -> tuple[Tensor, Tensor | None]:
+    """The evaluation protocol's test inputs of a data set for a likelihood (test_input: all images, in file order)
+    and their labels (None when the data set has none)."""
+    data = load_dataset(dataset, data_dir)
+    return test_input(data.test_x, likelihood), data.test_y
+
+
 def split_validation(x: Tensor, y: Tensor | None, n_val: int,
                      seed: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """A seeded hold-out of n_val training images for model selection: (train_x, train_y, val_x, val_y)."""

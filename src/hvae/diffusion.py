@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .numerics import vp_alpha_sigma
 from .protocol import BoundTerms, DiffusionModel, ElboTerms
 
 
@@ -48,13 +49,6 @@ def _normal_like(c: Tensor, generator: torch.Generator | None, given: Tensor | N
 def _per_example(v: Tensor, like: Tensor) -> Tensor:
     """[B] (or [1], []) -> [B, 1, ..., 1], broadcastable against like [B, *data]."""
     return v.reshape(-1, *([1] * (like.dim() - 1))) if v.dim() else v
-
-
-def vp_alpha_sigma(gamma: Tensor) -> tuple[Tensor, Tensor]:
-    """alpha = sqrt(sigmoid(-gamma)), sigma = sqrt(sigmoid(gamma)), elementwise (any shape).
-
-    Variance preserving, alpha^2 + sigma^2 = 1, with SNR = alpha^2 / sigma^2 = exp(-gamma)."""
-    return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
 
 def antithetic_times(n: int, timesteps: int = 0, generator: torch.Generator | None = None, device=None,

@@ -539,14 +539,13 @@ def add_parser(subparsers, parents: dict):
 def open_run(run: str | Path, device: str = "cpu", data_dir: str | None = None, ema: bool = True) -> Explorer:
     """The Explorer of a run directory: its model (EMA weights when it has them and ema), its test set."""
     from . import checkpoint as ckpt
-    from .data import CLASS_NAMES, load_dataset, test_input
+    from .data import CLASS_NAMES, test_set
 
     run = Path(run)
     model = ckpt.load(run, device, ema=ema)
     cfg = ckpt.read_config(run)
-    data = load_dataset(cfg.data.dataset, data_dir or cfg.data.data_dir)
-    x = test_input(data.test_x, cfg.model.likelihood)  # the evaluation protocol's inputs (seed-0 binarization)
-    return Explorer(model, x, data.test_y, cfg.model.likelihood, CLASS_NAMES.get(cfg.data.dataset), run.name)
+    x, y = test_set(cfg.data.dataset, data_dir or cfg.data.data_dir, cfg.model.likelihood)
+    return Explorer(model, x, y, cfg.model.likelihood, CLASS_NAMES.get(cfg.data.dataset), run.name)
 
 
 def cmd_explore(args) -> int:

@@ -31,6 +31,12 @@ def log_mean_exp(a: Tensor, dim: int = 0) -> Tensor:
     return torch.logsumexp(a, dim=dim) - math.log(a.shape[dim])
 
 
+def vp_alpha_sigma(gamma: Tensor) -> tuple[Tensor, Tensor]:
+    """alpha = sqrt(sigmoid(-gamma)), sigma = sqrt(sigmoid(gamma)), elementwise (any shape): a diffusion model's
+    variance-preserving schedule at gamma = -log SNR; alpha^2 + sigma^2 = 1, SNR = alpha^2 / sigma^2 = exp(-gamma)."""
+    return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
+
+
 def bounded_log_var(raw: Tensor, kind: str = "softplus") -> Tensor:
     """Map an unconstrained network output to a log-variance in a safe range.
 

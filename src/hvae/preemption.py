@@ -12,8 +12,8 @@ Under DDP every rank must stop, and write its share of a checkpoint, after the s
 signal and whatever each rank's clock says. Every AGREE_EVERY steps the ranks start an all-reduce (the maximum) of
 [the signal that arrived here, this rank's clock says a checkpoint is due], and read the one they started
 AGREE_EVERY steps before: every rank acts on the same flags after the same step, and no step waits for the
-exchange, which has run while the steps in between computed (a blocking exchange at every step cost up to 18% of a
-step on a loaded 2-core machine: BENCHMARKS.md, "Preemption"). So under DDP a stop comes within 2 * AGREE_EVERY
+exchange, which has run while the steps in between computed (a blocking exchange at every step cost 8-11% of a step
+more than none on a loaded 2-core machine: BENCHMARKS.md, "Preemption"). So under DDP a stop comes within 2 * AGREE_EVERY
 steps of the signal. The exchange runs on a gloo group of its own: on GPUs too it moves a CPU tensor and never
 waits for the device.
 """

@@ -20,8 +20,8 @@ import torch
 
 from . import checkpoint as ckpt
 from . import editing, plots
-from .config import ConfigError, from_dict, to_dict
-from .data import CLASS_NAMES, load_dataset, test_input
+from .config import ConfigError, to_dict
+from .data import CLASS_NAMES, test_set
 from .evaluate import ACTIVE_THRESHOLD, evaluate
 from .protocol import DiffusionModel
 from .visualize import png_bytes, rows, to_unit_range
@@ -60,10 +60,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     if opt.tsne:
         editing.tsne_class()  # fail before the slow parts when scikit-learn is missing
     model = ckpt.load(run_dir, opt.device, ema=opt.ema)
-    cfg = from_dict(ckpt.read_json(run_dir / "config.json"))
-    data = load_dataset(cfg.data.dataset, opt.data_dir or cfg.data.data_dir)
-    x = test_input(data.test_x, cfg.model.likelihood)[: opt.limit]
-    y = None if data.test_y is None else data.test_y[: opt.limit]
+    cfg = ckpt.read_config(run_dir)
+    x, y = test_set(cfg.data.dataset, opt.data_dir or cfg.data.data_dir, cfg.model.likelihood)
+    x, y = x[: opt.limit], None if y is None else y[: opt.limit]
     show = partial(to_unit_range, likelihood=cfg.model.likelihood)  # likelihood means -> [0, 1]
     result = evaluate(model, x, k=opt.k, device=opt.device, progress=opt.progress, seed=opt.seed)
     if isinstance(model, DiffusionModel):  # latents of the data's shape: no latent code to interpolate or project

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from ..distributions import DiagonalGaussian
 from ..errors import ConfigError
 from ..likelihoods import BinnedGaussian, bin_centres, bin_index
+from ..numerics import vp_alpha_sigma
 from ..nets import ACTIVATIONS, UNet, fourier_features, mlp, sinusoidal_embedding
 from ..protocol import Level, Trace
 from ..schema import option
@@ -51,11 +52,6 @@ N_FOURIER = 2  # fourier_features' default frequencies 2^6, 2^7
 def float32(device: torch.device) -> torch.autocast:
     """A context that turns autocast off: the schedule, alpha/sigma and the bin softmax stay in float32."""
     return torch.autocast(device_type=device.type, enabled=False)
-
-
-def alpha_sigma(gamma: Tensor) -> tuple[Tensor, Tensor]:
-    """alpha = sqrt(sigmoid(-gamma)), sigma = sqrt(sigmoid(gamma)) (variance preserving): alpha^2 + sigma^2 = 1."""
-    return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
 
 def step_posterior(z_t: Tensor, x: Tensor, gamma_s: Tensor, gamma_t: Tensor, event_ndim: int) -> DiagonalGaussian:
@@ -262,7 +258,7 @@ class VDM(nn.Module):
     def encode(self, x: Tensor, t: float = 0.5) -> Tensor:
         """A draw z_t ~ q(z_t | x) = N(alpha_t c, sigma_t^2 I): x [B, *data] -> [B, *data], float32."""
         with float32(x.device):
-            alpha, sigma = alpha_sigma(self._gamma_at(t))
+            alpha, sigma = vp_alpha_sigma(self._gamma_at(t))
             c = self.to_centres(x)
             return alpha * c + sigma * torch.randn_like(c)
 
@@ -278,7 +274,7 @@ class VDM(nn.Module):
         gammas = self.gamma(torch.arange(T + 1, device=x.device) / T)  # [T + 1]
         c = self.to_centres(x)  # [B, *data]
         with float32(x.device):
-            q = DiagonalGaussian(alpha_sigma(gammas[-1])[0] * c, (-F.softplus(-gammas[-1])).expand_as(c), nd)
+            q = DiagonalGaussian(vp_alpha_sigma(gammas[-1])[0] * c, (-F.softplus(-gammas[-1])).expand_as(c), nd)
             z = q.rsample(n_samples)  # [S, B, *data]
         levels = [Level(z, q, DiagonalGaussian.standard(q.mean, nd))]
         for i in range(T, 0, -1):
