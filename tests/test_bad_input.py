@@ -258,7 +258,9 @@ def test_eval_with_damaged_weights(capsys, run):
 
 @pytest.mark.parametrize("flag, fragment", [
     (["--k", "0"], "--k must be >= 1"), (["--limit", "0"], "--limit must be >= 1"),
-    (["--k", "-3"], "--k must be >= 1"), (["--limit", "-1"], "--limit must be >= 1")])
+    (["--k", "-3"], "--k must be >= 1"), (["--limit", "-1"], "--limit must be >= 1"),
+    (["--fid", "--samples", "3"], "--samples must be >= 10"),
+    (["--fid", "--temperature", "-1"], "--temperature must be >= 0")])
 def test_eval_bad_numbers(capsys, run, trained, flag, fragment):
     expect_bad_input(capsys, ["eval", run, "--data-dir", trained[1], "--no-progress", *flag], run, fragment)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import json
 from pathlib import Path
 
@@ -93,3 +94,14 @@ def test_curve_script_trains_in_stages_and_records_the_vdm_bound_per_stage(idx_d
     table = subprocess.run(variance, capture_output=True, text=True, timeout=300)
     assert table.returncode == 0, table.stderr[-2000:]
     assert table.stdout.count("\n| ") == 6  # header row + five estimators
+    # Sample quality of the same diffusion model (its sampler, reconstructions and the reference rows), in a
+    # throwaway feature-network cache.
+    quality = [sys.executable, str(ROOT / "benchmarks" / "sample_quality.py"), str(run), "--samples", "40",
+               "--temperatures", "0.8,1", "--threads", "1", "--time-features", "--json", str(tmp_path / "q.json")]
+    env = {**os.environ, "HVAE_CACHE": str(tmp_path / "cache")}
+    table = subprocess.run(quality, capture_output=True, text=True, timeout=300, env=env)
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert table.stdout.count("\n| vdm |") == 4  # two temperatures, training images, reconstructions
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["runs"]["vdm"]["fid_samples"] == 40 and report["features"]["seconds"] > 0
+    assert len((run / "sample-quality.jsonl").read_text().splitlines()) == 4

@@ -69,6 +69,9 @@ LAYERS: dict[str, int] = {
     "hvae.loop": 9,  # the training loop: train() (hvae.train) and fit
     "hvae.optim": 9,  # the optimizer, EMA and update guard
     "hvae.state": 9,  # the training state a checkpoint carries (RNG streams, counters) for an exact resume
+    "hvae.features": 9,  # the feature network of the sample-quality metrics (a LeNet of the data set, cached)
+    "hvae.quality": 9,  # Fréchet distance, KID, precision/recall between feature sets
+    "hvae.sample_quality": 9,  # hvae eval --fid: samples, reference rows, records
     "hvae.preemption": 9,  # when the loop checkpoints and stops: SIGTERM/SIGINT, checkpoint_minutes
     # 10 - entry points: the CLI, `python -m hvae`, and the package's public names (hvae/__init__.py).
     "hvae.cli": 10,

@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--draws", type=at_least(1), default=8,
                    help="draws of a stochastic bound per image and pass (a VLB's times stratified per image)")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument("--fid", action="store_true",
+                   help="also sample quality: Fréchet distance, KID, precision/recall on a LeNet of the data set")
+    e.add_argument("--fid-only", action="store_true", help="sample quality only (skip the likelihood bounds)")
+    e.add_argument("--samples", type=at_least(10), default=10_000, help="samples for --fid (default 10000)")
+    e.add_argument("--temperature", type=numbers(low=0), default=[1.0],
+                   help="--fid: sampling temperatures (the prior's std scale), e.g. 0.8,0.9,1.0")
 
     s = command("sample", "run", "seed", help="draw from the prior and decode")
     s.add_argument("--n", type=at_least(1), default=64)

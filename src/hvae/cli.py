@@ -107,9 +107,11 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
 
     cfg, model, images = load_run(args)
-    result = evaluate(model, images(args.limit), k=args.k, batch_size=args.batch_size, passes=args.passes,
-                      draws=args.draws,
-                      device=next(model.parameters()).device, progress=not args.no_progress)
+    result = {} if args.fid_only else \
+        evaluate(model, images(args.limit), k=args.k, batch_size=args.batch_size, passes=args.passes,
+                 draws=args.draws, device=next(model.parameters()).device, progress=not args.no_progress)
+    if args.fid or args.fid_only:
+        result |= sample_quality_of(args, cfg, model)
     for level in result.get("collapsed_levels", []):
         print(f"hvae eval: warning: level {level} has collapsed (mean KL {result['kl_per_level'][level - 1]:.4f} "
               f"nats, {result['active_units_per_level'][level - 1]} active units); try KL warm-up "
@@ -117,8 +119,32 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result))
     for key, value in ({} if args.json else result).items():
-        print(f"{key:>24}  {value:.4f}" if isinstance(value, float) else f"{key:>24}  {value}")
+        if key not in ("fid_curve", "fid_reference"):  # rows: printed as a table below
+            print(f"{key:>24}  {value:.4f}" if isinstance(value, float) else f"{key:>24}  {value}")
+    if not args.json and "fid_curve" in result:
+        print(quality_table(result))
     return 0
+
+
+def sample_quality_of(args, cfg, model) -> dict:
+    """`hvae eval --fid`: the sample-quality keys (sample_quality.sample_quality), rows appended to the run's
+    sample-quality.jsonl."""
+    from .data import load_dataset
+    from .sample_quality import sample_quality
+
+    data = load_dataset(cfg.data.dataset, args.data_dir or cfg.data.data_dir)
+    return sample_quality(model, data, cfg.model.likelihood, args.samples, args.temperature,
+                          progress=not args.no_progress, run_dir=args.run)
+
+
+def quality_table(result: dict) -> str:
+    """The sample-quality rows as aligned text: each temperature, then the reference rows."""
+    rows = [(f"samples, temperature {r['temperature']:g}", r) for r in result["fid_curve"]]
+    rows += [(f"reference: {name}", r) for name, r in result.get("fid_reference", {}).items()]
+    lines = [f"{'':>32}  {'fid':>9}  {'kid':>9}  {'kid_se':>8}  {'precision':>9}  {'recall':>7}"]
+    lines += [f"{name:>32}  {r['fid']:9.3f}  {r['kid']:9.5f}  {r['kid_se']:8.5f}  {r['precision']:9.4f}  "
+              f"{r['recall']:7.4f}" for name, r in rows]
+    return "\n".join(lines)
 
 
 def is_diffusion(model) -> bool:

@@ -164,3 +164,21 @@ def plot_manifold(images: np.ndarray, values: np.ndarray, out: Out) -> Out:
     ax.set_ylabel("z_2")
     ax.set_title("decoded latent plane (means of p(x|z))")
     return _write(fig, out)
+
+
+def plot_sample_quality(samples: list[dict[str, Any]], references: dict[str, dict[str, Any]], out: Out) -> Out:
+    """Two panels against sampling temperature: the Fréchet distance (the reference rows as dashed lines), and
+    precision and recall. `samples`: rows with temperature, fid, precision, recall (sample_quality.py)."""
+    fig, (ax_fd, ax_pr) = _new_figure(9, 3.4, 2)
+    t = np.array([r["temperature"] for r in samples], dtype=float)
+    _line(ax_fd, t, np.array([r["fid"] for r in samples], dtype=float), "samples")
+    for (name, row), color in zip(references.items(), ("gray", "tab:green")):
+        ax_fd.axhline(row["fid"], linestyle="--", color=color, label=f"{name} (reference)")
+    _line(ax_pr, t, np.array([r["precision"] for r in samples], dtype=float), "precision")
+    _line(ax_pr, t, np.array([r["recall"] for r in samples], dtype=float), "recall")
+    ax_pr.set_ylim(0, 1.02)
+    for ax, title in ((ax_fd, "Fréchet distance (LeNet features)"), (ax_pr, "k-NN precision and recall")):
+        ax.set_title(title)
+        ax.set_xlabel("sampling temperature")
+        ax.legend(fontsize="small")
+    return _write(fig, out)

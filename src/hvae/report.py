@@ -1,6 +1,6 @@
 """`hvae report RUN_DIR`: one self-contained HTML page about a trained run (images embedded as base64 PNG).
 
-Sections (their element ids): config, evaluation, samples, reconstructions, interpolations, latent-views,
+Sections (their element ids): config, evaluation, sample-quality, samples, reconstructions, interpolations, latent-views,
 training-curves. No scripts, no external files: the page renders offline from a single file.
 """
 
@@ -19,14 +19,14 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import editing, plots
+from . import editing, plots, sample_quality
 from .config import ConfigError, to_dict
 from .data import CLASS_NAMES, test_set
 from .evaluate import ACTIVE_THRESHOLD, evaluate
 from .protocol import DiffusionModel
 from .visualize import png_bytes, rows, to_unit_range
 
-SECTIONS = (("evaluation", "Evaluation"), ("samples", "Samples"), ("reconstructions", "Reconstructions"),
+SECTIONS = (("evaluation", "Evaluation"), ("sample-quality", "Sample quality"), ("samples", "Samples"), ("reconstructions", "Reconstructions"),
             ("interpolations", "Interpolations"), ("latent-views", "Latent views"),
             ("training-curves", "Training curves"), ("config", "Configuration"))
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -73,7 +73,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
         code = [_interpolation_section(model, x, show),
                 _latent_section(model, x, y, CLASS_NAMES.get(cfg.data.dataset), opt, show)]
     # The headline figures and samples first; the configuration tables, folded, at the end.
-    body = [_headline(result, run_dir), _evaluation_section(result), _samples_section(model, opt, show),
+    body = [_headline(result, run_dir), _evaluation_section(result), _quality_section(run_dir),
+            _samples_section(model, opt, show),
             _reconstruction_section(model, x, show), *code, _curves_section(run_dir / "metrics.jsonl"),
             _config_section(cfg, run_dir)]
     out = Path(out) if out is not None else run_dir / "report.html"
@@ -160,6 +161,28 @@ def _evaluation_section(result: dict[str, Any]) -> str:
         text += (f" elbo is a one-sample variational bound (one draw per image and pass), the mean of "
                  f"{result['passes']} passes with its standard error elbo_se; it is not an IW-NLL.")
     return _section("evaluation", f"<p>{html.escape(text)}</p>", _table(result, ("metric", "value")))
+
+
+def _quality_section(run_dir: Path) -> str:
+    """The figures `hvae eval --fid` appended to the run's sample-quality.jsonl: the latest row per temperature and
+    per reference, and the curve against temperature."""
+    path = run_dir / sample_quality.RECORDS
+    samples, refs = sample_quality.latest_by_temperature(plots.read_metrics(path) if path.is_file() else [])
+    if not samples:
+        return _section("sample-quality", _note(f"not measured: hvae eval {run_dir} --fid-only "
+                                                "--temperature 0.7,0.8,0.9,1.0 adds it"))
+    keys = ("fid", "kid", "kid_se", "precision", "recall", "n")
+    head = "<tr><th>images</th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"
+    rows = [(f"samples, temperature {r['temperature']:g}", r) for r in samples]
+    rows += [(f"reference: {name}", r) for name, r in refs.items()]
+    body = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in keys) + "</tr>"
+                   for name, r in rows)
+    text = (f"Against all test images, on the features of {samples[-1].get('features', 'a LeNet of the data set')} "
+            "(a Fréchet distance on this network, not comparable with Inception FID). Reference rows: training "
+            "images (the floor) and the model's reconstructions of the test images.")
+    figs = [_figure(_plot(plots.plot_sample_quality, samples, refs), "against sampling temperature")] \
+        if len(samples) > 1 else []
+    return _section("sample-quality", f"<p>{html.escape(text)}</p><table>{head}{body}</table>", *figs)
 
 
 def _samples_section(model, opt: ReportOptions, show) -> str:
