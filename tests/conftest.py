@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# One thread for what the tests train and evaluate, in this process and in the subprocesses they start: the tensors
+# are tiny, 2 cores would only be oversubscribed, and a run whose thread count the policy measured (hvae/threads.py)
+# could differ in the last bits from one measured otherwise. The policy reads OMP_NUM_THREADS as its cap, so it
+# has nothing to choose; tests/test_threads.py lifts the cap where it tests the policy itself.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:

@@ -105,3 +105,46 @@ def test_curve_script_trains_in_stages_and_records_the_vdm_bound_per_stage(idx_d
     report = json.loads((tmp_path / "q.json").read_text())
     assert report["runs"]["vdm"]["fid_samples"] == 40 and report["features"]["seconds"] > 0
     assert len((run / "sample-quality.jsonl").read_text().splitlines()) == 4
+
+
+def test_busy_script_times_the_contenders_beside_a_spinner_and_stops_it(idx_dir, tmp_path):
+    """benchmarks/busy.py on a tiny IDX folder, one busy level, hvae with its policy and the bare loop: a row per
+    contender with its times, the loads and the policy's choice; the spinner it started is gone afterwards (timings
+    are not checked)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "busy.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "busy.py"), "--data-dir", str(idx_dir.parent), "--epochs", "1",
+           "--repeats", "1", "--busy", "1", "--rows", "policy", "bare2-passive", "--batch-size", "64",
+           "--set", "model.hidden=[32]", "--spin-warm-up", "0", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    medians = {m["row"]: m for m in result["medians"]}
+    assert set(medians) == {"policy", "bare2-passive"} and all(m["busy"] == 1 for m in medians.values())
+    assert all(m["process_s"] > m["epoch_s"] > 0 and len(m["load_before"]) == len(m["load_after"]) == 1
+               for m in medians.values())
+    if len(os.sched_getaffinity(0)) > 1:  # with one core the policy has nothing to choose
+        assert medians["policy"]["chosen"] and medians["bare2-passive"]["chosen"] == []
+    assert "| busy processes | contender |" in proc.stdout and result["cpu"]
+    for pid in result["spinner_pids"]["1"]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_busy_summary_compares_the_policy_with_the_best_pinned_count_and_todays_default():
+    spec = importlib.util.spec_from_file_location("busy", ROOT / "benchmarks" / "busy.py")
+    busy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(busy)
+    seconds = {(0, "policy"): [10, 12, 11], (0, "pinned1"): [14, 14, 15], (0, "pinned2"): [10, 10, 9],
+               (1, "policy"): [15, 14, 16], (1, "pinned1"): [14, 13, 14], (1, "pinned2"): [30, 28, 35]}
+    runs = [{"row": row, "busy": b, "process_s": s, "epoch_s": [s / 4, s / 5], "load_before": 1.0, "load_after": 2.0,
+             "threads": [{"chosen": 1 if b else 2}] if row == "policy" else []}
+            for (b, row), values in seconds.items() for s in values]
+    medians, table = busy.summarize(runs, ["policy", "pinned1", "pinned2"], [0, 1], default_threads=2)
+    assert [(m["busy"], m["row"], m["process_s"], m["chosen"]) for m in medians][:3] == \
+        [(0, "policy", 11, [2]), (0, "pinned1", 14, []), (0, "pinned2", 10, [])]
+    summary = table.split("\n\n")[1].splitlines()
+    assert summary[2] == "| 0 | 1.10 | 0.91x |" and summary[3] == "| 1 | 1.07 | 2.00x |"  # 11/10, 10/11; 15/14, 30/15

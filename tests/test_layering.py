@@ -73,6 +73,7 @@ LAYERS: dict[str, int] = {
     "hvae.quality": 9,  # Fréchet distance, KID, precision/recall between feature sets
     "hvae.sample_quality": 9,  # hvae eval --fid: samples, reference rows, records
     "hvae.preemption": 9,  # when the loop checkpoints and stops: SIGTERM/SIGINT, checkpoint_minutes
+    "hvae.threads": 9,  # CPU threads of a run and of hvae eval: pinned or measured (threads.py)
     # 10 - entry points: the CLI, `python -m hvae`, and the package's public names (hvae/__init__.py).
     "hvae.cli": 10,
     "hvae.arguments": 10,  # the CLI's parser: argparse value types, shared flags, subcommands

@@ -103,13 +103,22 @@ def save_images(args, cfg, images, nrow: int, default: str) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def evaluate_on(args, cfg, model, x) -> dict:
+    """`hvae eval`'s metrics of x, and "threads": the count it ran with (threads.choose_for_eval: the run's pinned
+    runtime.threads, else measured once over a few throwaway calls)."""
     from .evaluate import evaluate
+    from .threads import choose_for_eval, eval_probe
 
+    chosen = choose_for_eval(eval_probe(model, x, args.k, args.batch_size, args.draws),
+                             cfg.runtime.threads if cfg else 0, x.device.type == "cpu")
+    result = evaluate(model, x, k=args.k, batch_size=args.batch_size, passes=args.passes, draws=args.draws,
+                      device=next(model.parameters()).device, progress=not args.no_progress)
+    return result | {"threads": chosen["count"]}
+
+
+def cmd_eval(args) -> int:
     cfg, model, images = load_run(args)
-    result = {} if args.fid_only else \
-        evaluate(model, images(args.limit), k=args.k, batch_size=args.batch_size, passes=args.passes,
-                 draws=args.draws, device=next(model.parameters()).device, progress=not args.no_progress)
+    result = {} if args.fid_only else evaluate_on(args, cfg, model, images(args.limit))
     if args.fid or args.fid_only:
         result |= sample_quality_of(args, cfg, model)
     for level in result.get("collapsed_levels", []):

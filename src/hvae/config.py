@@ -73,7 +73,8 @@ class RuntimeConfig:
     num_nodes: int = option(1, ge=1, help="machines, for multi-node DDP (launched with torchrun or Fabric's environment)")
     strategy: str = option("auto", help="auto | ddp | ... (Fabric's strategies; checked when training starts)")
     precision: str = option("32-true", choices=PRECISIONS)
-    threads: int = option(0, ge=0, le=1024, help="torch CPU threads (0: PyTorch's default)")
+    threads: int = option(0, ge=0, le=1024, help="torch CPU threads: N pins N; 0 measures the fastest count at the "
+                          "start (and again when the step time drifts, where results do not depend on it)")
     compile: bool = option(False, help="torch.compile the training step")
 
 

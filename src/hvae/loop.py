@@ -2,9 +2,10 @@
 
 `train()` is the public entry (the CLI's `hvae train` and Python alike): it checks what only a run can check,
 prepares the run directory, and calls `fit`, which reads top to bottom: set-up (Fabric, data, model, optimizer,
-resume), then per step `train_step` (objective, backward, the update guard, update, EMA), logging, checkpoints and
-`end_epoch`. Lightning Fabric handles devices, precision and DDP; the state a resume needs is a TrainState; when to
-checkpoint and when to stop on a signal (SIGTERM, SIGINT), a Preemption (preemption.py).
+resume, the thread count), then per step `train_step` (objective, backward, the update guard, update, EMA),
+logging, checkpoints and `end_epoch`. Lightning Fabric handles devices, precision and DDP; the state a resume needs
+is a TrainState; when to checkpoint and when to stop on a signal (SIGTERM, SIGINT), a Preemption (preemption.py);
+how many CPU threads, a ThreadPolicy (threads.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import threads
 from .config import Config, ConfigError, apply, from_dict, to_dict
 from .data import Dataset, epoch_order, load_dataset, split_validation, test_input, to_model_input
 from .errors import DataError
@@ -126,8 +129,8 @@ def save(out: Path, fabric: Fabric, state: TrainState, guard: UpdateGuard, model
 
 
 def launch(rt) -> Fabric:
-    """Lightning Fabric for the `runtime` section: threads, accelerator, devices, strategy, precision (DDP ranks
-    start here)."""
+    """Lightning Fabric for the `runtime` section: accelerator, devices, strategy, precision (DDP ranks start here);
+    a pinned thread count (choose_threads sets it again after Fabric's launcher, and measures an unpinned one)."""
     if rt.threads > 0:
         torch.set_num_threads(rt.threads)
     fabric = Fabric(accelerator=rt.accelerator, devices=rt.devices, num_nodes=rt.num_nodes, strategy=rt.strategy,
@@ -181,6 +184,34 @@ def setup(fabric: Fabric, cfg: Config, model: nn.Module, state: TrainState, save
     return objective, UpdateGuard(cfg.optim, state, optimizer, fabric.device, scaler), ema
 
 
+def choose_threads(cfg: Config, fabric: Fabric, objective: nn.Module, model: nn.Module, params: list[Tensor],
+                   train_x: Tensor, state: TrainState, steps_per_epoch: int, resume: bool):
+    """The run's ThreadPolicy (threads.py), started: pinned, resumed with the saved count, or measured now on
+    throwaway passes of a probe batch, the first local batch of the training images binarized by a generator of its
+    own (the data stream is left as it was). -> (the policy, the metrics record of its choice or None)."""
+    rt, world = cfg.runtime, fabric.world_size
+    cap = threads.thread_cap(threads.available_cores(), max(1, world // rt.num_nodes), threads.omp_limit())
+
+    def ranks_mean(t: Tensor) -> Tensor:  # DDP: every rank decides on the same figures
+        return fabric.all_reduce(t, reduce_op="mean")
+
+    policy = threads.ThreadPolicy(rt.threads, cap, fabric.device.type == "cpu", agree=ranks_mean if world > 1 else None)
+    x = fabric.to_device(to_model_input(train_x[:cfg.train.batch_size // world], cfg.model.likelihood,
+                                        torch.Generator(device=fabric.device).manual_seed(threads.PROBE_SEED)))
+    kl_weight = torch.tensor(cfg.objective.kl_weight(state.step, steps_per_epoch))
+
+    def forward_backward() -> Tensor:  # as train_step's; DDP: no gradient all-reduce (each rank times its own)
+        with fabric.no_backward_sync(objective) if world > 1 else nullcontext():
+            loss = -objective(x, kl_weight)[0].mean()
+            fabric.backward(loss)
+        return loss
+
+    chosen = policy.start(lambda keep: threads.throwaway(forward_backward, params, model, keep), state.step,
+                          state.threads, resume)
+    state.threads = policy.choice  # the same dict: a later switch goes into the next checkpoint
+    return policy, chosen
+
+
 def fit(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = None, progress: bool = True,
         data: Dataset | None = None, model: nn.Module | None = None) -> nn.Module:
     """Train per `cfg` into run directory `out` (checked by train(); created if missing). -> the trained model.
@@ -199,16 +230,20 @@ def fit(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = N
     torch.manual_seed(t.seed * 1000 + rank)
     state = TrainState(torch.Generator(device=fabric.device).manual_seed(t.seed * 1000 + 1 + rank), fabric.device)
     saved, ema_weights = restore(out, model, state, rank, world) if resume else (None, None)
+    objective, guard, ema = setup(fabric, cfg, model, state, saved, ema_weights)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Threads: pinned, the resumed run's own (fixed mode), or measured now on throwaway passes (threads.py).
+    policy, chosen = choose_threads(cfg, fabric, objective, model, params, train_x, state, steps_per_epoch, resume)
     # The run directory: only now (everything above succeeded) does an earlier run in it (--overwrite) go.
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             clear_training_outputs(out)
         ckpt.write_json(out / "config.json", to_dict(cfg))
-        write_provenance(out, data.files, argv, resume)
-    objective, guard, ema = setup(fabric, cfg, model, state, saved, ema_weights)
-    params = [p for p in model.parameters() if p.requires_grad]
+        write_provenance(out, data.files, argv, resume, threads=policy.info)
     log = MetricsLog(out / "metrics.jsonl", state.step if resume else None, t.tensorboard) if rank == 0 else None
+    if log and chosen:
+        log.write(chosen)
 
     # The loop: batch -> train_step -> log every log_every steps -> checkpoint -> end of epoch. A checkpoint comes
     # every checkpoint_every steps, every checkpoint_minutes, and when SIGTERM/SIGINT asks to stop (then it stops).
@@ -231,6 +266,10 @@ def fit(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = N
                 if state.step % t.log_every == 0:
                     guard.settle(state.step)
                     log_step(fabric, log, state, loss, terms, norm, kl_weight, steps_per_epoch, bar)
+                # adaptive threads: re-measured when the step time drifts (never where results depend on the count)
+                switched = policy.tick(state.step)
+                if log and switched:
+                    log.write(switched)
                 # (an epoch's last step: the epoch-end checkpoint below, after its record)
                 if preemption.checkpoint_due(state.step) and i + 1 < steps_per_epoch:
                     save(out, fabric, state, guard, model, ema, data.data_shape)

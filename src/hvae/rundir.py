@@ -100,9 +100,11 @@ def source_commit() -> str | None:
     return commit if Path(top).resolve() / "src" / "hvae" == here else None
 
 
-def write_provenance(out: Path, data_files: Iterable[Path], argv: list[str] | None, resume: bool = False) -> None:
-    """DIR/provenance.json: versions, git commit, data hashes, CPU/GPU, command line, start time. A resume keeps
-    the run's original record and appends its own to the list under "resumes"."""
+def write_provenance(out: Path, data_files: Iterable[Path], argv: list[str] | None, resume: bool = False,
+                     threads: dict | None = None) -> None:
+    """DIR/provenance.json: versions, git commit, data hashes, CPU/GPU, the torch threads (and `threads`, the thread
+    policy's choice and why: threads.ThreadPolicy.info), command line, start time. A resume keeps the run's original
+    record and appends its own to the list under "resumes"."""
     import torch
 
     from . import __version__
@@ -117,7 +119,8 @@ def write_provenance(out: Path, data_files: Iterable[Path], argv: list[str] | No
         "hvae": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
         "lightning_fabric": fabric_version, "git_commit": commit, "cpu": cpu_name(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch_threads": torch.get_num_threads(), "command": argv if argv is not None else sys.argv,
+        "torch_threads": torch.get_num_threads(), "thread_policy": threads,
+        "command": argv if argv is not None else sys.argv,
         "data_files": {str(p): _sha256(p) for p in data_files},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

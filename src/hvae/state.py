@@ -42,7 +42,9 @@ def set_rng_state(state: dict, gen: torch.Generator, device: torch.device) -> No
 
 class TrainState:
     """Step, fault counters, the update guard's runs of bad and skipped steps, the epoch's running sums
-    [elbo, reconstruction, kl, applied steps] and its seconds so far, and the data RNG stream `data_gen`."""
+    [elbo, reconstruction, kl, applied steps] and its seconds so far, the data RNG stream `data_gen`, and the
+    thread policy's choice `threads` ({count, mode}, threads.py; None before a choice and in older checkpoints),
+    which a fixed-mode resume must use again."""
 
     def __init__(self, data_gen: torch.Generator, device: torch.device):
         self.data_gen, self.device = data_gen, device
@@ -51,6 +53,7 @@ class TrainState:
         self.bad_in_a_row = self.skips_in_a_row = 0
         self.sums = torch.zeros(4, device=device)
         self.epoch_started = time.perf_counter()
+        self.threads: dict | None = None
         self._carried: tuple[list[float], float] | None = None  # a mid-epoch checkpoint's sums and seconds
 
     def start_epoch(self, first_step_in_epoch: int) -> None:
@@ -79,6 +82,8 @@ class TrainState:
         saved = {"step": self.step, "counters": self.counters, "rng": rng_state(self.data_gen, self.device, world),
                  "guard": [self.bad_in_a_row, self.skips_in_a_row], "epoch_sums": self.sums.tolist(),
                  "epoch_seconds": self.epoch_seconds()}
+        if self.threads is not None:
+            saved["threads"] = dict(self.threads)
         if ranks is not None:
             saved["ranks"] = [{"rng": {**{k: v[r].cpu() for k, v in ranks["rng"].items()},
                                        "data_device": self.data_gen.device.type},
@@ -92,10 +97,11 @@ class TrainState:
         return {"rng": rng, "epoch_sums": self.sums}
 
     def load_state_dict(self, saved: dict, rank: int = 0, world: int = 1) -> None:
-        """Restore step, counters, guard runs, RNG streams, and the epoch so far (keys older checkpoints lack keep
-        their start values). With as many ranks as saved ones, each rank takes back its own streams and sums."""
+        """Restore step, counters, guard runs, RNG streams, the epoch so far and the thread choice (keys older
+        checkpoints lack keep their start values). With as many ranks as saved ones, each rank takes back its own streams and sums."""
         self.step, self.counters = saved["step"], saved["counters"]
         self.bad_in_a_row, self.skips_in_a_row = saved.get("guard", (0, 0))
+        self.threads = saved.get("threads")
         own = saved["ranks"][rank] if world > 1 and len(saved.get("ranks", [])) == world else saved
         if "epoch_sums" in saved:
             self._carried = (own["epoch_sums"], saved["epoch_seconds"])
