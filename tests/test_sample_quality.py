@@ -48,6 +48,10 @@ def test_kid_is_unbiased_on_disjoint_halves_and_positive_for_another_distributio
     assert se > 0 and abs(value) < 3 * se
     shifted, se2 = quality.kid(x[:2000], x[2000:] + 0.3)
     assert shifted > 10 * se2
+    # A set made row by row from the real one (as reconstructions are from the test images) is not scored against
+    # its own sources: near-copies of the real rows give a KID near 0, not far below it.
+    copies, se3 = quality.kid(x[:2000], x[:2000] + 0.01 * torch.randn(2000, 16, generator=g, dtype=torch.float64))
+    assert abs(copies) < 3 * se3
 
 
 def clusters(n: int, modes: list[int], seed: int) -> torch.Tensor:
