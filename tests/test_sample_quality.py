@@ -107,6 +107,9 @@ def test_feature_network_is_deterministic_cached_and_rebuilt_when_damaged(data, 
     again = features.feature_network(data, "binary", seed=0, epochs=1, progress=False)
     assert all(torch.equal(state[k], v) for k, v in again.net.state_dict().items())
     assert again.accuracy == first.accuracy
+    # Its features have root-mean-square 1 over the training images (as binarized for it with its seed).
+    train = features.to_unit(data.train_x, "binary", torch.Generator().manual_seed(0))
+    assert first(train).square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-6)
     # Damage the first cache: a note, then the same network rebuilt.
     monkeypatch.setenv("HVAE_CACHE", str(cache))
     raw = bytearray(weights.read_bytes())
