@@ -102,9 +102,12 @@ def test_feature_network_is_deterministic_cached_and_rebuilt_when_damaged(data, 
     assert first.path.parent == cache / "features" and first.accuracy > 0.9  # 4 easy classes
     weights = first.path / "lenet.safetensors"
     state = {k: v.clone() for k, v in first.net.state_dict().items()}
-    # Same data and seed, trained again elsewhere: the same network, bit for bit.
+    # Same data and seed, trained again elsewhere and with the caller at another thread count: the same network,
+    # bit for bit (it trains at a fixed count, which it gives back afterwards).
     monkeypatch.setenv("HVAE_CACHE", str(cache.parent / "other"))
+    torch.set_num_threads(2)
     again = features.feature_network(data, "binary", seed=0, epochs=1, progress=False)
+    assert torch.get_num_threads() == 2
     assert all(torch.equal(state[k], v) for k, v in again.net.state_dict().items())
     assert again.accuracy == first.accuracy
     # Its features have root-mean-square 1 over the training images (as binarized for it with its seed).
