@@ -25,8 +25,6 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_file, write_json
 from .data import Dataset, binarize
 from .errors import DataError
+from .threads import fixed_threads
 
 RECIPE_VERSION = 2  # bump when the network, its training or its feature scale changes: the cache key changes with it
 FEATURE_DIM = 128
@@ -105,9 +104,9 @@ def cache_key(data: Dataset, representation: str, seed: int) -> str:
 
 
 def to_unit(images: Tensor, representation: str, generator: torch.Generator | None = None) -> Tensor:
-    """uint8 data-set images [N, H, W] -> the network's input [N, 1, H, W] in [0, 1]."""
-    x = binarize(images, generator) if representation == "binary" else images.float() / 255
-    return x.unsqueeze(1) if x.dim() == 3 else x
+    """uint8 data-set images [N, C, H, W] -> the network's input in [0, 1]: binarized by `generator` (data.binarize)
+    for "binary", pixel / 255 for "grey"."""
+    return binarize(images, generator) if representation == "binary" else images.float() / 255
 
 
 def feature_network(data: Dataset, representation: str, seed: int = 0, epochs: int = 3,
@@ -140,21 +139,11 @@ def feature_network(data: Dataset, representation: str, seed: int = 0, epochs: i
     return _load(folder, key, representation)
 
 
-@contextmanager
-def fixed_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to n for the block, then given back."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_lenet(data: Dataset, representation: str, seed: int, epochs: int,
                 progress: bool = True) -> tuple[LeNet, float]:
     """Adam 1e-3, batch 128, `epochs` passes in a seeded order (binary images redrawn each epoch); -> the network
-    in eval mode and its accuracy on the test split (binary: the fixed seed-0 binarization)."""
+    in eval mode and its accuracy on the test split (binary: binarized once by to_unit with a seed-0 generator, a
+    draw of its own, not the evaluation protocol's data.fixed_binarized_test)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial weights and dropout draws

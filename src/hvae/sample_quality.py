@@ -24,9 +24,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import quality
-from .data import Dataset, binarize, test_input
+from .data import Dataset, test_input
 from .editing import model_device
-from .features import FeatureNetwork, feature_network
+from .features import FeatureNetwork, feature_network, to_unit
 from .visualize import to_unit_range
 
 RECORDS = "sample-quality.jsonl"
@@ -76,8 +76,7 @@ def training_images(data: Dataset, likelihood: str, n: int) -> Tensor:
     """n training images drawn without replacement (seeded), in the test images' representation, in [0, 1]."""
     gen = torch.Generator().manual_seed(SEED)
     pick = torch.randperm(len(data.train_x), generator=gen)[:n]
-    images = data.train_x[pick]
-    return binarize(images, gen) if likelihood == "bernoulli" else images.float() / 255
+    return to_unit(data.train_x[pick], representation(likelihood), gen)
 
 
 def measure(features: FeatureNetwork, test_f: Tensor, images: Tensor, **fields) -> dict:

@@ -36,6 +36,8 @@ import os
 import statistics
 import sys
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from time import perf_counter
 from typing import Callable
@@ -52,6 +54,18 @@ Probe = Callable[[bool], "list[Tensor] | None"]  # probe(keep) runs one throwawa
 
 def set_threads(n: int) -> None:
     torch.set_num_threads(n)
+
+
+@contextmanager
+def fixed_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to n for the block, then given back (work whose bits must not depend on the
+    caller's count, e.g. training the sample-quality feature network)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def available_cores() -> int:
