@@ -29,24 +29,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+from hvae.rundir import cpu_name  # noqa: E402  (the CPU's model name, as lscpu's "Model name")
 ROWS = {"policy": "hvae, thread policy (default)", "pinned1": "hvae, 1 thread", "pinned2": "hvae, 2 threads",
         "bare1": "bare loop, 1 thread", "bare2": "bare loop, 2 threads",
         "bare2-passive": "bare loop, 2 threads, OMP_WAIT_POLICY=PASSIVE"}
-
-
-def cpu_model() -> str:
-    """The CPU's name as lscpu gives it (else /proc/cpuinfo's, through hvae)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    sys.path.insert(0, str(HERE.parent / "src"))
-    from hvae.rundir import cpu_name
-
-    return cpu_name()
 
 
 def load() -> float:
@@ -114,7 +101,6 @@ def bare_worker(args) -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(HERE.parent / "src"))
     from bare import BareVAE, bare_epoch
 
     from hvae.data import load_dataset
@@ -194,7 +180,7 @@ def main() -> None:
         finally:
             stop_spinners(spinners)
     medians, table = summarize(runs, args.rows, args.busy, default_threads)
-    result = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch_default_threads": default_threads,
+    result = {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "torch_default_threads": default_threads,
               "epochs": args.epochs, "repeats": args.repeats, "batch_size": args.batch_size, "set": args.set,
               "spinner_pids": spinner_pids, "medians": medians, "runs": runs}
     print(f"{result['cpu']}, {result['cores']} cores; {args.epochs} epochs, medians of {args.repeats}\n\n{table}")

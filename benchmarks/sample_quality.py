@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -32,15 +33,10 @@ from hvae.sample_quality import representation, sample_quality  # noqa: E402
 
 def time_feature_network(data, likelihood: str) -> dict:
     """Train the feature network from scratch in a throwaway cache: seconds and test accuracy."""
-    old = os.environ.get("HVAE_CACHE")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["HVAE_CACHE"] = tmp
-        try:
-            start = time.perf_counter()
-            net = feature_network(data, representation(likelihood), progress=False)
-            return {"seconds": round(time.perf_counter() - start, 1), "name": net.name, "accuracy": net.accuracy}
-        finally:
-            os.environ.pop("HVAE_CACHE") if old is None else os.environ.__setitem__("HVAE_CACHE", old)
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"HVAE_CACHE": tmp}):
+        start = time.perf_counter()
+        net = feature_network(data, representation(likelihood), progress=False)
+        return {"seconds": round(time.perf_counter() - start, 1), "name": net.name, "accuracy": net.accuracy}
 
 
 def row(name: str, r: dict) -> str:

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_file, write_json
 from .data import Dataset, binarize
 from .errors import DataError
+from .rundir import file_sha256
 from .threads import fixed_threads
 
 RECIPE_VERSION = 2  # bump when the network, its training or its feature scale changes: the cache key changes with it
@@ -170,17 +171,13 @@ def train_lenet(data: Dataset, representation: str, seed: int, epochs: int,
     return net, float((pred == data.test_y.long()).float().mean())
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _save(folder: Path, net: LeNet, meta: dict) -> None:
     """Weights then their record (with the weights' SHA-256), each written atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "lenet.safetensors"
     with atomic_file(weights) as f:
         f.write(save({k: v.contiguous() for k, v in net.state_dict().items()}))
-    write_json(folder / "lenet.json", {**meta, "classes": net.head[1].out_features, "weights_sha256": _sha256(weights)})
+    write_json(folder / "lenet.json", {**meta, "classes": net.head[1].out_features, "weights_sha256": file_sha256(weights)})
 
 
 def _load(folder: Path, key: str, representation: str) -> FeatureNetwork:
@@ -191,7 +188,7 @@ def _load(folder: Path, key: str, representation: str) -> FeatureNetwork:
     meta = json.loads(meta_path.read_text())
     if meta.get("key") != key or meta.get("recipe_version") != RECIPE_VERSION:
         raise ValueError("its record names another data set, seed or recipe")
-    if _sha256(weights) != meta["weights_sha256"]:
+    if file_sha256(weights) != meta["weights_sha256"]:
         raise ValueError("the weights' SHA-256 differs from the one recorded")
     net = LeNet(1, meta["classes"])
     net.load_state_dict(load_file(str(weights)))

@@ -80,7 +80,8 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -121,7 +122,7 @@ def write_provenance(out: Path, data_files: Iterable[Path], argv: list[str] | No
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(), "thread_policy": threads,
         "command": argv if argv is not None else sys.argv,
-        "data_files": {str(p): _sha256(p) for p in data_files},
+        "data_files": {str(p): file_sha256(p) for p in data_files},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path = out / "provenance.json"
