@@ -29,8 +29,10 @@ LAYERS: dict[str, int] = {
     # 1 - schema: option() / check_section, the config-field declarations a component puts beside its code
     #     (models/, objectives.py). Imports only errors.
     "hvae.schema": 1,
-    # 2 - numerics: log-mean-exp, sums over event dims, bounded log-variance helpers. Plain tensor maths.
+    # 2 - numerics: log-mean-exp, sums over event dims, bounded log-variance helpers; bins: a Gaussian over the grid
+    #     of bin centres (the VDM's likelihood and x-prediction). Plain tensor maths.
     "hvae.numerics": 2,
+    "hvae.bins": 2,
     # 3 - distributions and likelihoods: DiagonalGaussian; the p(x|z) objects.
     "hvae.distributions": 3,
     "hvae.likelihoods": 3,

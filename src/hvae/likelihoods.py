@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .bins import bin_centres, bin_window, window_half_width
 from .numerics import LOG_2PI, sum_event
 
 KINDS = ("bernoulli", "gaussian", "gaussian-learned", "logistic")
@@ -148,12 +149,6 @@ def decode_likelihood(decoder: Callable[[Tensor], Tensor], z: Tensor, kind: str,
 VOCAB_SIZES = (2, 256)  # the vocabularies whose input-space encoding bin_index knows
 
 
-def bin_centres(vocab_size: int, dtype: torch.dtype | None = None, device=None) -> Tensor:
-    """c_k = (2k + 1) / V - 1, k = 0..V-1: the V bin centres in [-1, 1] (V = 2: -0.5, 0.5). -> [V]."""
-    k = torch.arange(vocab_size, dtype=dtype or torch.get_default_dtype(), device=device)
-    return (2 * k + 1) / vocab_size - 1
-
-
 def bin_index(x: Tensor, vocab_size: int) -> Tensor:
     """The bin k of input-space data: round(x (V - 1)), i.e. x for binarized {0, 1} data (V = 2) and x * 255 for
     8-bit data k/255 (V = 256). -> LongTensor shaped like x. x must lie on that grid; it is not checked (a check
@@ -177,7 +172,8 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 class _ChosenBinLogProb(torch.autograd.Function):
-    """log softmax_k[l_k] at the chosen bin x, l_k = -((u - c_k) s)^2 / 2, elementwise: u, s, c_x [*] -> [*].
+    """log softmax_k[l_k] at the chosen bin x, l_k = -((u - c_k) s)^2 / 2, elementwise: u, s, c_x [*] -> [*]; the
+    bins' centres [V], or [*, W] per element (a window of the bins that hold the mass).
 
     Autograd would keep the [*, V] logits and softmax for backward (V times z_0's size each: 100 MB for 128 MNIST
     images at V = 256). The derivatives are two averages over the softmax p, d/du = s^2 E_p[c_x - c] and
@@ -225,11 +221,17 @@ class BinnedGaussian:
         return torch.broadcast_tensors(u, torch.exp(-0.5 * gamma0))
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """sum_i log softmax_k[-((u_i - c_k) s)^2 / 2] at k = bin_index(x_i): exact, per example. -> [*lead]."""
+        """sum_i log softmax_k[-((u_i - c_k) s)^2 / 2] at k = bin_index(x_i): exact, per example. -> [*lead].
+
+        The softmax runs over the bins around each u_i that hold its mass (bins.bin_window: every bin whose logit is
+        within 50 of the top; 7 of 256 at gamma_0 = -13.3) when they are fewer than V: the same value to e^-50."""
         with torch.autocast(self.z0.device.type, enabled=False):
             u, s = self._scaled()
             centres = bin_centres(self.vocab_size, u.dtype, u.device)
             u, s, c_x = torch.broadcast_tensors(u, s, centres[bin_index(x, self.vocab_size)])  # x [B, *data] broadcasts
+            half = window_half_width(1.0 / float(s.detach().min()), self.vocab_size)
+            if 2 * half + 1 < self.vocab_size:  # the bins that hold the mass: [*, W], the same softmax to e^-50
+                centres = bin_window(u.detach(), half, self.vocab_size)
             return sum_event(_ChosenBinLogProb.apply(u, s, c_x, centres), self.event_ndim)
 
     @property

@@ -15,9 +15,10 @@ scaled by 1/sigma_t (about 770 at gamma = -13.3), an output an MLP cannot give. 
 nats after 1 epoch and 2,998 after 10, against 472 and 246.8 with the parameterization here: x_hat is the
 posterior mean over the V bins,
 
-    x_hat = sum_k softmax_k(l) c_k,  l_k = -SNR_t/2 (z_t/alpha_t - c_k)^2 + a c_k + b c_k^2,
+    x_hat = sum_k softmax_k(l) c_k,  l_k = -SNR_t/2 (z_t/alpha_t - c_k)^2 + a c_k - SNR_t (e^b - 1)/2 c_k^2,
 where the first term equals base_k = (alpha_t z_t c_k - alpha_t^2 c_k^2 / 2)/sigma_t^2 up to a constant in k and
-(a, b) are the network's two zero-initialized outputs per data value. At a = b = 0 it is the exact E[c | z_t] for
+(a, b) are the network's two zero-initialized outputs per data value (b, for V > 2 only, scales the posterior's
+precision by e^b, so the logits stay a Gaussian over the bins). At a = b = 0 it is the exact E[c | z_t] for
 independent, uniform values, right at the high-SNR end from the first step; the net learns only the correction.
 """
 
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..distributions import DiagonalGaussian
+from ..bins import grid_gaussian_mean
 from ..errors import ConfigError
 from ..likelihoods import BinnedGaussian, bin_centres, bin_index
 from ..numerics import vp_alpha_sigma
@@ -189,13 +191,20 @@ class UNetDenoiser(nn.Module):
 
 
 def bin_posterior_mean(z_t: Tensor, gamma_t: Tensor, a: Tensor, b: Tensor, centres: Tensor) -> Tensor:
-    """x_hat = sum_k softmax_k(l) c_k, l_k = -SNR/2 (z_t/alpha_t - c_k)^2 + a c_k + b c_k^2 (module docstring).
-    z_t, a, b [B, *data], gamma_t broadcasting to them, centres [V] -> [B, *data]; float32 (call under float32())."""
-    u = (z_t * torch.exp(0.5 * F.softplus(gamma_t))).unsqueeze(-1)  # z_t / alpha_t: [B, *data, 1]
-    logits = -0.5 * torch.exp(-gamma_t).unsqueeze(-1) * (u - centres) ** 2 + a.unsqueeze(-1) * centres
-    if len(centres) > 2:  # for V = 2, c_k^2 is the same for both bins
-        logits = logits + b.unsqueeze(-1) * centres ** 2
-    return torch.softmax(logits, dim=-1) @ centres  # [B, *data, V] @ [V]
+    """x_hat = sum_k softmax_k(l) c_k (module docstring): z_t, a, b [B, *data], gamma_t broadcasting to them,
+    centres [V] -> [B, *data]; float32 (call under float32()).
+
+    V = 2: l_k = -SNR/2 (z_t/alpha_t - c_k)^2 + a c_k, a softmax over the two bins. V > 2: l_k = -P/2 (c_k - m)^2
+    with P = SNR e^b and m = (SNR z_t/alpha_t + a) / P, i.e. the same logits with c_k^2 weighted by SNR e^b instead
+    of SNR, a Gaussian over the bins for any b; its mean by bins.grid_gaussian_mean, which touches only the bins
+    that matter (a [B, *data, V] tensor per step cost 36 times the MLP denoiser at V = 256)."""
+    u = z_t * torch.exp(0.5 * F.softplus(gamma_t))  # z_t / alpha_t: [B, *data]
+    snr = torch.exp(-gamma_t)
+    if len(centres) == 2:
+        logits = -0.5 * snr.unsqueeze(-1) * (u.unsqueeze(-1) - centres) ** 2 + a.unsqueeze(-1) * centres
+        return torch.softmax(logits, dim=-1) @ centres  # [B, *data, 2] @ [2]
+    precision = snr * torch.exp(b.clamp(-30, 30))  # why clamp: e^b stays finite in float32 at any SNR
+    return grid_gaussian_mean((snr * u + a) / precision, precision, len(centres))
 
 
 class VDM(nn.Module):
