@@ -105,6 +105,19 @@ def test_curve_script_trains_in_stages_and_records_the_vdm_bound_per_stage(idx_d
     report = json.loads((tmp_path / "q.json").read_text())
     assert report["runs"]["vdm"]["fid_samples"] == 40 and report["features"]["seconds"] > 0
     assert len((run / "sample-quality.jsonl").read_text().splitlines()) == 4
+    # Evaluation time of the VLB beside a VAE's IW-NLL, in one process.
+    vae = tmp_path / "vae"
+    train = [sys.executable, "-m", "hvae", "train", "--epochs", "1", "--data-dir", str(idx_dir.parent), "--out", str(vae),
+             "--batch-size", "64", "--no-progress", "--set", "runtime.threads=1"]
+    assert subprocess.run(train, capture_output=True, text=True, timeout=300).returncode == 0
+    timing = [sys.executable, str(ROOT / "benchmarks" / "eval_time.py"), "--vae", str(vae), "--vdm", str(run), "--k", "4",
+              "--passes", "2", "--draws", "2", "--repeats", "2", "--threads", "1", "--limit", "20", "--json",
+              str(tmp_path / "t.jsonl")]
+    out = subprocess.run(timing, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["vae_seconds"] > 0 and r["vdm_seconds"] > 0 and r["vdm_vlb_se"] > 0 for r in rows)
+    assert rows[0]["vae_iw_nll"] == rows[1]["vae_iw_nll"] and rows[0]["vdm_vlb"] == rows[1]["vdm_vlb"]  # seeded
 
 
 def test_busy_script_times_the_contenders_beside_a_spinner_and_stops_it(idx_dir, tmp_path):
