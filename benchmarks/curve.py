@@ -6,7 +6,8 @@ when on) is evaluated on the first --limit test images: the IW bound with --k sa
 levels, the VLB over --passes passes of --draws stratified draws per image for a diffusion model. Each line of
 RUN/curve.jsonl: epoch, training seconds so far (the sum of the run's epoch_seconds), wall minutes, and the
 evaluation's figures. Stops starting stages after --minutes of wall time or once the training seconds reach
---budget-seconds (so that models can be compared at equal training seconds).
+--budget-seconds (so that models can be compared at equal training seconds): the stage that would pass the budget
+is shortened to the epochs that end nearest it, at the run's mean seconds per epoch so far.
 
     python benchmarks/curve.py --out runs/vdm-curve --every 10 --minutes 90 -- --model vdm --set optim.ema=0.999
     python benchmarks/curve.py --out runs/vae-8bit --budget-seconds 1800 -- --set model.likelihood=logistic
@@ -34,6 +35,14 @@ def train_seconds(run: Path) -> float:
     return sum(r["epoch_seconds"] for r in records if "epoch_seconds" in r)
 
 
+def next_stage(epoch: int, every: int, spent: float, budget: float) -> int:
+    """Epochs of the next stage: `every`, or, where that would pass the budget, the epochs that end nearest it at the
+    mean seconds per epoch so far (0: stop here)."""
+    if epoch == 0 or budget == float("inf"):
+        return every
+    return max(0, min(every, round((budget - spent) / (spent / epoch))))
+
+
 def evaluate(run: Path, args) -> dict:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -48,7 +57,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=10, help="epochs per stage")
     ap.add_argument("--epochs", type=int, default=10_000, help="stop after this many epochs")
     ap.add_argument("--minutes", type=float, default=120.0, help="start no stage after this much wall time")
-    ap.add_argument("--budget-seconds", type=float, default=float("inf"), help="start no stage past these training seconds")
+    ap.add_argument("--budget-seconds", type=float, default=float("inf"),
+                    help="end the last stage nearest these training seconds")
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--passes", type=int, default=4)
@@ -59,7 +69,10 @@ def main() -> None:
     start, epoch = time.perf_counter(), 0
     while (epoch < args.epochs and (time.perf_counter() - start) / 60 < args.minutes
            and (epoch == 0 or train_seconds(args.out) < args.budget_seconds)):
-        epoch = min(args.epochs, epoch + args.every)
+        stage = next_stage(epoch, args.every, train_seconds(args.out) if epoch else 0.0, args.budget_seconds)
+        if stage < 1:
+            break
+        epoch = min(args.epochs, epoch + stage)
         if (args.out / "checkpoints").exists():
             argv = ["train", "--resume", args.out, "--epochs", epoch, "--no-progress"]
         else:

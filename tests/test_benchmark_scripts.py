@@ -30,6 +30,18 @@ def test_curve_job_trains_once_then_resumes_and_evaluates_at_every_milestone(hie
     assert all("--limit 2000" in c for c in evals[:3]) and "--limit" not in evals[3]
 
 
+def test_curve_stages_end_nearest_the_training_budget():
+    spec = importlib.util.spec_from_file_location("curve", ROOT / "benchmarks" / "curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    inf = float("inf")
+    assert curve.next_stage(0, 20, 0.0, 1800.0) == 20 and curve.next_stage(60, 20, 1303.0, inf) == 20
+    assert curve.next_stage(60, 20, 1303.0, 1800.0) == 20  # 21.7 s an epoch: 20 more end at 1737 s, before it
+    assert curve.next_stage(80, 20, 1750.0, 1800.0) == 2  # 21.9 s an epoch: 2 more end at 1794 s
+    assert curve.next_stage(82, 20, 1795.0, 1800.0) == 0  # the nearest end is here
+    assert curve.next_stage(10, 5, 2000.0, 1800.0) == 0  # already past it
+
+
 def test_curve_points_pair_each_evaluation_with_its_epoch_and_seconds(hierarchy, tmp_path):
     run = tmp_path / "flat-vae"
     run.mkdir()
