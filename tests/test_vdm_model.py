@@ -298,3 +298,28 @@ def test_config_builds_and_rejects_what_cannot_work():
         check_section(VDMConfig(likelihood="logistic"), "model")
     with pytest.raises(ConfigError, match="divisible by 8"):
         VDMConfig(denoiser="unet", channels=[8, 8, 8, 8], embedding=8).build((1, 28, 28))
+
+
+def test_correction_bound_keeps_a_sure_base():
+    torch.manual_seed(0)
+    wild = perturb(tiny(2), scale=1e4)  # raw corrections of ~1e4
+    bounded = tiny(2, correction_bound=20.0)
+    bounded.load_state_dict(wild.state_dict())
+    x = data(2, 8)
+    z = torch.stack([wild.encode(x[i:i + 1], 0.3)[0] for i in range(8)])  # t = 0.3: SNR ~2400, base log-odds ~1200
+    gamma, c = wild.gamma(torch.full((8,), 0.3)), wild.to_centres(x)
+    assert (wild.predict_x(z, gamma) - c).abs().max() > 0.5  # unbounded: the correction flips sure values
+    torch.testing.assert_close(bounded.predict_x(z, gamma), c, rtol=0, atol=1e-6)  # bounded: the base holds
+
+
+@pytest.mark.parametrize("vocab", [2, 256])
+def test_correction_bound_changes_little_where_the_correction_is_small(vocab):
+    torch.manual_seed(0)
+    calm = perturb(tiny(vocab), scale=1e-2)
+    bounded = tiny(vocab, correction_bound=20.0)
+    bounded.load_state_dict(calm.state_dict())
+    z, gamma = torch.randn(8, *DATA), calm.gamma(torch.rand(8))
+    a = calm.denoiser(z, torch.zeros(8))[:, :1]  # the raw corrections, for the tolerance
+    # A tanh(a/A) = a - a^3/(3 A^2) + ...: x_hat moves by at most |dx_hat/da| <= 1 times that
+    tol = (a.abs().max() ** 3 / (3 * 20.0**2)).item() * 10 + 1e-6
+    torch.testing.assert_close(bounded.predict_x(z, gamma), calm.predict_x(z, gamma), rtol=0, atol=tol)

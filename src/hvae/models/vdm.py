@@ -214,8 +214,10 @@ class VDM(nn.Module):
     def __init__(self, data_shape: Sequence[int] = (1, 28, 28), likelihood: str = "bernoulli",
                  schedule: str = "learned", gamma_min: float = -13.3, gamma_max: float = 5.0, timesteps: int = 0,
                  denoiser: str = "mlp", hidden: Sequence[int] = (1024, 1024, 1024), channels: Sequence[int] = (32, 64),
-                 embedding: int = 128, fourier: bool = False, activation: str = "silu"):
+                 embedding: int = 128, fourier: bool = False, activation: str = "silu",
+                 correction_bound: float = 0.0):
         super().__init__()
+        self.correction_bound = float(correction_bound)
         if likelihood not in VOCAB:
             raise ValueError(f"unknown likelihood {likelihood!r} for a VDM; choose one of {', '.join(VOCAB)}")
         if denoiser not in DENOISERS:
@@ -256,6 +258,8 @@ class VDM(nn.Module):
         ab = self.denoiser(z_t, (gamma_t - g0) / (g1 - g0))  # [B, 2 C, *rest]
         with float32(z_t.device):
             a, b = ab.float().chunk(2, dim=1)  # [B, *data] each
+            if self.correction_bound > 0:  # a in (-A, A): it can never outweigh a sure base (VDMConfig)
+                a = self.correction_bound * torch.tanh(a / self.correction_bound)
             gamma = gamma_t.float().view(-1, *[1] * len(self.data_shape))
             centres = bin_centres(self.vocab_size, dtype=torch.float32, device=z_t.device)
             return bin_posterior_mean(z_t.float(), gamma, a, b, centres)
@@ -350,7 +354,13 @@ class VDM(nn.Module):
 
 @dataclass
 class VDMConfig:
-    """`model.name: vdm`: the variational diffusion model."""
+    """`model.name: vdm`: the variational diffusion model.
+
+    correction_bound: at low t the base posterior is sure (log-odds ~SNR/2, up to 3e5 for V = 2), the loss is flat
+    in a there, and a is free to drift; once |a| passes the base, a pixel flips and one draw costs up to
+    1/2 gamma' SNR per pixel (draws of 2e6 nats were seen, BENCHMARKS.md 9a). The context's own log-odds of a
+    stochastically binarized pixel are within +-ln 255 = 5.5 (or infinite for pixels always 0), so a bound of
+    a few tens costs nothing where a is right and rules the flips out for SNR above ~2A."""
 
     name: ClassVar[str] = "vdm"
     default_objective: ClassVar[str] = "vdm"  # chosen with the model unless objective.name is given
@@ -366,6 +376,8 @@ class VDMConfig:
     embedding: int = option(128, ge=2, help="size of the sinusoidal embedding of the normalized gamma")
     fourier: bool = option(False, help="Fourier features of z_t (for 8-bit data)")
     activation: str = option("silu", choices=tuple(ACTIVATIONS))
+    correction_bound: float = option(0.0, ge=0, help="bound the net's correction a of the bin posterior to (-A, A), "
+                                     "A tanh(a/A) (0: unbounded)")
 
     def check(self) -> None:
         if not self.gamma_min < self.gamma_max:
@@ -379,4 +391,5 @@ class VDMConfig:
 
     def build(self, data_shape: Sequence[int]) -> VDM:
         return VDM(data_shape, self.likelihood, self.schedule, self.gamma_min, self.gamma_max, self.timesteps,
-                   self.denoiser, self.hidden, self.channels, self.embedding, self.fourier, self.activation)
+                   self.denoiser, self.hidden, self.channels, self.embedding, self.fourier, self.activation,
+                   self.correction_bound)
