@@ -41,10 +41,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, help="the first N test images only (default: all)")
+    ap.add_argument("--correction-bound", type=float, help="evaluate the VDM with model.correction_bound set to this "
+                    "(the same weights, the net's correction bounded: a valid bound of its own)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = {"vae": hvae.load(args.vae), "vdm": hvae.load(args.vdm)}
+    if args.correction_bound is not None:
+        models["vdm"].correction_bound = args.correction_bound
     images = {"vae": test_images(args.vae)[: args.limit], "vdm": test_images(args.vdm)[: args.limit]}
     options = {"vae": {"k": args.k}, "vdm": {"passes": args.passes, "draws": args.draws}}
     print(f"CPU: {cpu_name()}; {args.threads} threads; {len(images['vae'])} / {len(images['vdm'])} test images")
