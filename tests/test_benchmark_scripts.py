@@ -117,6 +117,12 @@ def test_curve_script_trains_in_stages_and_records_the_vdm_bound_per_stage(idx_d
     report = json.loads((tmp_path / "q.json").read_text())
     assert report["runs"]["vdm"]["fid_samples"] == 40 and report["features"]["seconds"] > 0
     assert len((run / "sample-quality.jsonl").read_text().splitlines()) == 4
+    # The tail of the per-draw losses, as trained and bounded.
+    tails = [sys.executable, str(ROOT / "benchmarks" / "vdm_tails.py"), str(run), "--images", "8", "--draws", "2",
+             "--bounds", "0,10"]
+    table = subprocess.run(tails, capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert table.stdout.count("\n| ") == 3 and "of 16 |" in table.stdout  # header + two bounds; 8 x 2 draws
     # Evaluation time of the VLB beside a VAE's IW-NLL, in one process.
     vae = tmp_path / "vae"
     train = [sys.executable, "-m", "hvae", "train", "--epochs", "1", "--data-dir", str(idx_dir.parent), "--out", str(vae),
