@@ -197,7 +197,7 @@ def bin_posterior_mean(z_t: Tensor, gamma_t: Tensor, a: Tensor, b: Tensor, centr
     V = 2: l_k = -SNR/2 (z_t/alpha_t - c_k)^2 + a c_k, a softmax over the two bins. V > 2: l_k = -P/2 (c_k - m)^2
     with P = SNR e^b and m = (SNR z_t/alpha_t + a) / P, i.e. the same logits with c_k^2 weighted by SNR e^b instead
     of SNR, a Gaussian over the bins for any b; its mean by bins.grid_gaussian_mean, which touches only the bins
-    that matter (a [B, *data, V] tensor per step cost 36 times the MLP denoiser at V = 256)."""
+    that matter ([B, *data, V] tensors made a V = 256 step 9.1 times slower: BENCHMARKS.md 9d)."""
     u = z_t * torch.exp(0.5 * F.softplus(gamma_t))  # z_t / alpha_t: [B, *data]
     snr = torch.exp(-gamma_t)
     if len(centres) == 2:
