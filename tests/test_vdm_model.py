@@ -11,7 +11,7 @@ import torch
 
 from hvae.errors import ConfigError
 from hvae.likelihoods import bin_centres
-from hvae.models.vdm import VDM, VDMConfig, make_schedule
+from hvae.models.vdm import VDM, VDMConfig, bin_posterior_mean, make_schedule
 from hvae.numerics import vp_alpha_sigma as alpha_sigma
 from hvae.nets import UNet
 from hvae.protocol import DiffusionModel, LatentVariableModel
@@ -323,3 +323,36 @@ def test_correction_bound_changes_little_where_the_correction_is_small(vocab):
     # A tanh(a/A) = a - a^3/(3 A^2) + ...: x_hat moves by at most |dx_hat/da| <= 1 times that
     tol = (a.abs().max() ** 3 / (3 * 20.0**2)).item() * 10 + 1e-6
     torch.testing.assert_close(bounded.predict_x(z, gamma), calm.predict_x(z, gamma), rtol=0, atol=tol)
+
+
+def test_bin_posterior_mean_is_the_likelihood_times_the_context_prior_over_256_bins():
+    """x_hat = E[c] under l_k = -SNR/2 (u - c_k)^2 + a c_k - lambda/2 c_k^2, lambda = min(1, SNR) expm1(b), u =
+    z_t/alpha_t: bin_posterior_mean against the softmax over all 256 bins in float64, at SNRs from e^-5 to e^13.3."""
+    torch.manual_seed(0)
+    gamma = torch.tensor([-13.3, -9.0, -4.0, 0.0, 2.0, 5.0]).view(-1, 1)  # [6, 1]: one noise level per row
+    z, a, b = torch.randn(6, 50), 3 * torch.randn(6, 50), torch.randn(6, 50)
+    c = bin_centres(256, dtype=torch.float64)
+    snr, u = torch.exp(-gamma.double()), z.double() / torch.sqrt(torch.sigmoid(-gamma.double()))
+    lam = snr.clamp(max=1) * torch.expm1(b.double())
+    logits = (-0.5 * snr.unsqueeze(-1) * (u.unsqueeze(-1) - c) ** 2 + a.double().unsqueeze(-1) * c
+              - 0.5 * lam.unsqueeze(-1) * c**2)
+    exact = torch.softmax(logits, -1) @ c
+    x_hat = bin_posterior_mean(z, gamma, a, b, bin_centres(256, dtype=torch.float32))
+    # float32 u carries a rounding error ~6e-8 that moves a mean split between two bins by <= 6e-7 (as in
+    # test_predict_x_at_initialization...); grid_gaussian_mean is within 3e-7 of the 256-bin mean (test_bins.py).
+    torch.testing.assert_close(x_hat.double(), exact, rtol=0, atol=1e-5)
+
+
+def test_the_context_prior_barely_moves_a_sure_posterior():
+    """At gamma = -13.3 (SNR 6e5) the net's outputs, of order 1, move x_hat by far less than a bin (2/256): the
+    prior's precision is added to SNR, so its pull falls as 1/SNR."""
+    torch.manual_seed(1)
+    gamma = torch.full((1, 1), -13.3)
+    c = bin_centres(256, dtype=torch.float32)
+    x = c[torch.randint(0, 256, (1, 500))]
+    z = torch.sqrt(torch.sigmoid(-gamma)) * x + torch.sqrt(torch.sigmoid(gamma)) * torch.randn(1, 500)
+    base = bin_posterior_mean(z, gamma, torch.zeros_like(z), torch.zeros_like(z), c)
+    moved = bin_posterior_mean(z, gamma, 2 * torch.ones_like(z), 0.5 * torch.ones_like(z), c)
+    # |dm| <= (|a| + lambda |u|)/SNR = (2 + 0.65)/6e5 = 4.4e-6, and dx_hat/dm <= P d^2/4 = 9.2 (m on the boundary of
+    # two bins d = 2/256 apart): |dx_hat| <= 4e-5. (P = SNR e^b moved m by ~b u: up to 0.4, 50 bins.)
+    assert (moved - base).abs().max() < 1e-4

@@ -15,11 +15,14 @@ scaled by 1/sigma_t (about 770 at gamma = -13.3), an output an MLP cannot give. 
 nats after 1 epoch and 2,998 after 10, against 472 and 246.8 with the parameterization here: x_hat is the
 posterior mean over the V bins,
 
-    x_hat = sum_k softmax_k(l) c_k,  l_k = -SNR_t/2 (z_t/alpha_t - c_k)^2 + a c_k - SNR_t (e^b - 1)/2 c_k^2,
+    x_hat = sum_k softmax_k(l) c_k,  l_k = -SNR_t/2 (z_t/alpha_t - c_k)^2 + a c_k - lambda/2 c_k^2,
 where the first term equals base_k = (alpha_t z_t c_k - alpha_t^2 c_k^2 / 2)/sigma_t^2 up to a constant in k and
-(a, b) are the network's two zero-initialized outputs per data value (b, for V > 2 only, scales the posterior's
-precision by e^b, so the logits stay a Gaussian over the bins). At a = b = 0 it is the exact E[c | z_t] for
-independent, uniform values, right at the high-SNR end from the first step; the net learns only the correction.
+(a, b) are the network's two zero-initialized outputs per data value: a c_k - lambda/2 c_k^2 is a Gaussian prior
+over the bins that the context supplies, multiplied into the likelihood of z_t. For V = 2 only a counts (c_k^2 is
+the same for both bins); for V > 2, lambda = min(1, SNR_t) expm1(b), so the logits stay a Gaussian over the bins
+with precision SNR_t + lambda > 0. At a = b = 0 it is the exact E[c | z_t] for independent, uniform values, right
+at the high-SNR end from the first step; the net learns only the correction, whose pull on x_hat falls as
+1/SNR_t there (why the prior's precision is added, not multiplied: docs/diffusion.md, "Why x, not eps").
 """
 
 from __future__ import annotations
@@ -195,15 +198,20 @@ def bin_posterior_mean(z_t: Tensor, gamma_t: Tensor, a: Tensor, b: Tensor, centr
     centres [V] -> [B, *data]; float32 (call under float32()).
 
     V = 2: l_k = -SNR/2 (z_t/alpha_t - c_k)^2 + a c_k, a softmax over the two bins. V > 2: l_k = -P/2 (c_k - m)^2
-    with P = SNR e^b and m = (SNR z_t/alpha_t + a) / P, i.e. the same logits with c_k^2 weighted by SNR e^b instead
-    of SNR, a Gaussian over the bins for any b; its mean by bins.grid_gaussian_mean, which touches only the bins
-    that matter ([B, *data, V] tensors made a V = 256 step 9.1 times slower: BENCHMARKS.md 9d)."""
+    with P = SNR + lambda, lambda = min(1, SNR) expm1(b) (> -SNR, so P > 0) and m = (SNR z_t/alpha_t + a) / P,
+    the likelihood of z_t times the Gaussian prior exp(a c - lambda/2 c^2); its mean by bins.grid_gaussian_mean,
+    which touches only the bins that matter ([B, *data, V] tensors made a V = 256 step 9.1 times slower:
+    BENCHMARKS.md 9d). At high SNR a and b move m by ~(a - lambda z_t/alpha_t)/SNR, a small fraction of a bin:
+    the earlier P = SNR e^b moved it by ~b z_t/alpha_t, a bin for |b| ~ 0.01, which cost thousands of nats per
+    image at gamma(0) and diverged training on 8-bit data (BENCHMARKS.md 9b)."""
     u = z_t * torch.exp(0.5 * F.softplus(gamma_t))  # z_t / alpha_t: [B, *data]
     snr = torch.exp(-gamma_t)
     if len(centres) == 2:
         logits = -0.5 * snr.unsqueeze(-1) * (u.unsqueeze(-1) - centres) ** 2 + a.unsqueeze(-1) * centres
         return torch.softmax(logits, dim=-1) @ centres  # [B, *data, 2] @ [2]
-    precision = snr * torch.exp(b.clamp(-30, 30))  # why clamp: e^b stays finite in float32 at any SNR
+    # Why clamp b: expm1(b) stays finite in float32; and P > 0 in float32 (floor SNR e^-30 where SNR - 1 cancels).
+    lam = snr.clamp(max=1) * torch.expm1(b.clamp(-30, 30))
+    precision = torch.maximum(snr + lam, snr * math.exp(-30))
     return grid_gaussian_mean((snr * u + a) / precision, precision, len(centres))
 
 
