@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "hvae.diffusion": 5,  # the VDM bound: objectives of a diffusion model
     # 6 - nets: MLP / conv / residual blocks, Gaussian heads.
     "hvae.nets": 6,
+    "hvae.cells": 6,
     # 7 - models: the package src/hvae/models/. Compose nets + distributions; no loss, no loop; never import
     #     objectives (test_models_never_import_objectives), although objectives sit below them.
     "hvae.models": 7,
@@ -52,6 +53,7 @@ LAYERS: dict[str, int] = {
     "hvae.models.mhvae": 7,
     "hvae.models.ladder": 7,
     "hvae.models.vdm": 7,
+    "hvae.models.spatial": 7,
     # 8 - config: typed dataclass configs, YAML presets, dotted overrides. Below the run-level modules, not above
     #     them as STYLE.md's "config, cli" line suggests: train, loop, report and checkpoint.load read a Config,
     #     while config.py imports only lower layers (errors, schema, and the models' and objectives' own config

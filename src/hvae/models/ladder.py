@@ -24,7 +24,9 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..cells import CELLS
 from ..distributions import DiagonalGaussian
+from ..errors import ConfigError
 from ..likelihoods import channels_per_pixel, decode_likelihood
 from ..nets import GaussianHead, GaussianMLP, ResidualCell, activation, conv_decoder, conv_encoder, mlp, normed_mlp
 from ..numerics import bounded_log_var
@@ -283,12 +285,39 @@ class LadderConfig(HierarchyOptions, ModelOptions):
     """`model.name: ladder`: the top-down hierarchical VAE."""
 
     name: ClassVar[str] = "ladder"
-    arch: str = option("mlp", choices=("mlp", "conv"), help="the nets x -> d_1 and the decoder")
-    conv_channels: list[int] = option([32, 64], each_ge=1, min_len=1, help="conv arch: channels per stride-2 stage")
+    arch: str = option("mlp", choices=("mlp", "conv", "spatial"),
+                       help="mlp | conv: the nets x -> d_1 and the decoder | spatial: feature-map latents (spatial.py)")
+    conv_channels: list[int] = option([32, 64], each_ge=1, min_len=1,
+                                      help="conv, spatial arch: channels per stride-2 stage (finest first)")
     posterior: str = option("residual", choices=POSTERIORS)
     skip: bool = option(False, help="the likelihood sees every level's z, not only z_1")
+    groups: list[int] = option([], each_ge=1, help="spatial arch: stochastic groups per stage (finest first); "
+                               "their sum is model.levels")
+    cells: int = option(1, ge=0, help="spatial arch: residual cells per stage (bottom-up) and per group (top-down)")
+    cell: str = option("residual", choices=CELLS, help="spatial arch: residual | bottleneck (VDVAE) | separable (NVAE)")
+    se: bool = option(False, help="spatial arch: squeeze-excitation in every cell")
 
-    def build(self, data_shape: Sequence[int]) -> "LadderVAE":
+    def check(self) -> None:
+        super().check()
+        if self.arch != "spatial":
+            if self.groups:
+                raise ConfigError("model.groups is for arch spatial; set model.arch=spatial or drop model.groups")
+            return
+        if not self.groups or sum(self.groups) != self.levels or len(self.conv_channels) != len(self.groups):
+            raise ConfigError(f"arch spatial needs model.groups (groups per stage, finest first) summing to "
+                              f"model.levels ({self.levels}) and one model.conv_channels width per stage; got groups "
+                              f"{self.groups} and conv_channels {self.conv_channels}")
+        if self.skip:
+            raise ConfigError("arch spatial: every level reaches the likelihood through the top-down state already; "
+                              "drop model.skip")
+
+    def build(self, data_shape: Sequence[int]) -> nn.Module:
+        if self.arch == "spatial":
+            from .spatial import SpatialLadder  # spatial.py builds on this module
+
+            return SpatialLadder(data_shape, self.groups, self.conv_channels, self.dims(), self.cells,
+                                 self.cell, self.se, self.likelihood, self.activation, self.norm, self.posterior,
+                                 self.variance)
         return LadderVAE(data_shape, self.dims(), posterior=self.posterior, skip=self.skip, arch=self.arch,
                          conv_channels=self.conv_channels, hidden=self.hidden, level_hidden=self.level_hidden,
                          likelihood=self.likelihood, activation=self.activation, variance=self.variance,
