@@ -18,7 +18,7 @@ from torch.distributions import MultivariateNormal
 
 from hvae.distributions import DiagonalGaussian
 from hvae.likelihoods import Gaussian
-from hvae.objectives import (ElboObjective, IwaeObjective, bits_per_dim, elbo, elbo_terms, free_bits, iw_bound, level_rate,
+from hvae.objectives import (ElboObjective, IwaeObjective, bits_per_dim, elbo, elbo_terms, free_bits, iw_bound, kl_balance, level_rate,
                              log_importance_weights, log_weights_of_trace, nats_from_bits_per_dim,
                              )
 from hvae.protocol import LatentVariableModel, Level, Trace
@@ -316,6 +316,35 @@ def test_training_objective_beta_and_free_bits(loose):
     threshold = terms.kl.mean().item() + 1.0  # above the batch-mean KL: the rate becomes the constant
     surrogate, terms = ElboObjective(free_bits=threshold)(loose, x, 1.0)
     torch.testing.assert_close(surrogate, terms.reconstruction - threshold)
+
+
+def test_kl_balance_weights_levels_by_kl_per_latent_value_and_passes_no_gradient():
+    kl = torch.tensor([[4.0, 6.0], [1.0, 1.0], [0.0, 0.02]], dtype=F64, requires_grad=True)  # [T=3, B=2]
+    sizes = torch.tensor([48.0, 8.0, 16.0])
+    w = kl_balance(kl, sizes)
+    # by hand: alpha = sizes / 24 = (2, 1/3, 2/3); (mean KL + 0.01) / alpha = (2.505, 3.03, 0.03); / their mean
+    raw = torch.tensor([5.01 / 2, 1.01 * 3, 0.02 * 1.5], dtype=F64)
+    torch.testing.assert_close(w, (raw / raw.mean()).unsqueeze(1))
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0, dtype=F64))
+    (grad,) = torch.autograd.grad((w * kl).sum(), kl)  # the weights are constants to the gradient
+    torch.testing.assert_close(grad, w.expand_as(kl))
+
+
+def test_balanced_objective_reweights_levels_only_while_the_kl_weight_warms_up():
+    from hvae.models import LadderVAE
+
+    torch.manual_seed(0)
+    model = LadderVAE((1, 6, 6), (5, 4, 3), hidden=(24, 16), level_hidden=(12,))
+    x = torch.bernoulli(torch.full((8, 1, 6, 6), 0.4))
+    objective = ElboObjective(warmup_epochs=1.0, balance=True)
+    torch.manual_seed(5)
+    surrogate, terms = objective(model, x, 0.5)
+    w = kl_balance(terms.kl_per_level, torch.tensor([5.0, 4.0, 3.0]))
+    assert (w - 1).abs().max() > 0.01  # the levels' KLs differ, so the weights do
+    torch.testing.assert_close(surrogate, terms.reconstruction - 0.5 * (w * terms.kl_per_level).sum(0))
+    torch.manual_seed(5)
+    surrogate, terms = objective(model, x, 1.0)  # warm-up over: the plain ELBO
+    torch.testing.assert_close(surrogate, terms.elbo)
 
 
 def test_training_objective_importance_weighted_is_the_iw_bound(loose):

@@ -104,6 +104,16 @@ def free_bits(kl_per_level: Tensor, min_nats: float) -> Tensor:
     return torch.where(below, torch.full_like(kl_per_level, min_nats), kl_per_level)
 
 
+def kl_balance(kl_per_level: Tensor, sizes: Tensor) -> Tensor:
+    """NVAE's KL balancing (Vahdat & Kautz 2020, appendix A): weights w_t proportional to (mean_B KL_t + 0.01) / a_t,
+    a_t = D_t / mean(D) the level's share of latent values, normalized to mean 1 over the T levels and detached, so
+    that a level with more KL per value than the others is pushed back harder while the KL weight warms up and no
+    level is left behind at KL 0. kl_per_level [T, B], sizes [T] -> weights [T, 1] (no gradient)."""
+    alpha = sizes.to(kl_per_level) / sizes.to(kl_per_level).mean()
+    w = (kl_per_level.detach().abs().mean(1) + 0.01) / alpha
+    return (w / w.mean()).unsqueeze(1)
+
+
 # 4. Training objectives, chosen by name (`objective.name`). Each is its own small config and a function over the
 #    model protocol: objective(model, x, kl_weight) -> (surrogate to maximize [B], ElboTerms for logging), with
 #    the KL weight of this step (warm-up) passed in by the loop. Settings an objective does not use are not its
@@ -114,7 +124,8 @@ def free_bits(kl_per_level: Tensor, min_nats: float) -> Tensor:
 class ElboObjective:
     """`objective.name: elbo`: reconstruction - kl_weight * free_bits(KL per level)  (eq. 3 / eq. 8, beta-weighted).
 
-    The KL weight of a step is beta ramped linearly from 0 over warmup_epochs (KL warm-up), then beta."""
+    The KL weight of a step is beta ramped linearly from 0 over warmup_epochs (KL warm-up), then beta; with balance,
+    each level's rate is weighted by kl_balance while the weight is below beta (the ELBO itself is unchanged)."""
 
     name: ClassVar[str] = "elbo"
     beta: float = option(1.0, ge=0, help="weight of the rate (beta-VAE)")
@@ -122,6 +133,7 @@ class ElboObjective:
     free_bits: float = option(0.0, ge=0, help="nats per level, on batch means")
     n_samples: int = option(1, ge=1, help="L Monte Carlo samples of the reconstruction term")
     analytic_kl: bool = option(True, help="closed-form KL where the level allows it")
+    balance: bool = option(False, help="NVAE's KL balancing of the levels while the KL weight warms up (kl_balance)")
 
     def kl_weight(self, step: int, steps_per_epoch: int) -> float:
         """beta * min(1, step / (warmup_epochs * steps_per_epoch)); beta when there is no warm-up."""
@@ -131,8 +143,11 @@ class ElboObjective:
 
     def __call__(self, model: LatentVariableModel, x: Tensor, kl_weight: Tensor | float) -> tuple[Tensor, ElboTerms]:
         terms = elbo(model, x, self.n_samples, self.analytic_kl)
-        rate = free_bits(terms.kl_per_level, self.free_bits).sum(0)
-        return terms.reconstruction - kl_weight * rate, terms
+        rates = free_bits(terms.kl_per_level, self.free_bits)  # [T, B]
+        if self.balance and len(rates) > 1:  # a select, not an `if`: no host sync, one compiled graph
+            sizes = torch.tensor(getattr(model, "latent_dims", [1] * len(rates)), dtype=torch.float64)
+            rates = torch.where(torch.as_tensor(kl_weight) < self.beta, kl_balance(rates, sizes) * rates, rates)
+        return terms.reconstruction - kl_weight * rates.sum(0), terms
 
 
 @dataclass
