@@ -122,6 +122,21 @@ def test_temperatures_and_resample_lower_behave_as_the_ladders():
         model.sample(2, [1.0, 1.0])
 
 
+def test_a_stage_without_groups_is_passed_through_one_level_is_the_conv_flat_vae():
+    """groups (0, 1): one level at the coarsest stage, the state upsampled through stage 1 to the likelihood; its
+    rate is the closed-form KL(q(z | x) || N(0, I)), as the flat VAE's."""
+    model = perturbed(SpatialLadder(SHAPE, groups=(0, 1), channels=(8, 16), latent_dims=(4,))).eval()
+    x = binary(3)
+    trace = model.infer(x, 2)
+    assert [tuple(lvl.z.shape) for lvl in trace.levels] == [(2, 3, 4, 2, 2)] and trace.levels[0].p.is_standard
+    q = trace.levels[0].q
+    by_hand = 0.5 * (q.mean**2 + q.log_var.exp() - 1 - q.log_var).sum((2, 3, 4))
+    torch.testing.assert_close(elbo(model, x, 2).kl_per_level[0], by_hand.mean(0))
+    assert tuple(trace.z1.shape) == (2, 3, 8, 4, 4) and model.sample(2).shape == (2, *SHAPE)
+    with pytest.raises(ValueError, match="coarsest"):
+        SpatialLadder(SHAPE, groups=(1, 0), channels=(8, 16))
+
+
 @pytest.mark.parametrize("kind", CELLS)
 @pytest.mark.parametrize("norm", ["none", "layer", "batch"])
 def test_cells_keep_the_shape_and_start_near_the_identity(kind, norm):

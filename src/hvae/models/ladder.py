@@ -291,8 +291,8 @@ class LadderConfig(HierarchyOptions, ModelOptions):
                                       help="conv, spatial arch: channels per stride-2 stage (finest first)")
     posterior: str = option("residual", choices=POSTERIORS)
     skip: bool = option(False, help="the likelihood sees every level's z, not only z_1")
-    groups: list[int] = option([], each_ge=1, help="spatial arch: stochastic groups per stage (finest first); "
-                               "their sum is model.levels")
+    groups: list[int] = option([], each_ge=0, help="spatial arch: stochastic groups per stage (finest first; >= 1 "
+                               "at the coarsest); their sum is model.levels")
     cells: int = option(1, ge=0, help="spatial arch: residual cells per stage (bottom-up) and per group (top-down)")
     cell: str = option("residual", choices=CELLS, help="spatial arch: residual | bottleneck (VDVAE) | separable (NVAE)")
     se: bool = option(False, help="spatial arch: squeeze-excitation in every cell")
@@ -303,8 +303,9 @@ class LadderConfig(HierarchyOptions, ModelOptions):
             if self.groups:
                 raise ConfigError("model.groups is for arch spatial; set model.arch=spatial or drop model.groups")
             return
-        if not self.groups or sum(self.groups) != self.levels or len(self.conv_channels) != len(self.groups):
-            raise ConfigError(f"arch spatial needs model.groups (groups per stage, finest first) summing to "
+        if (not self.groups or sum(self.groups) != self.levels or len(self.conv_channels) != len(self.groups)
+                or self.groups[-1] < 1):
+            raise ConfigError(f"arch spatial needs model.groups (groups per stage, finest first, >= 1 at the last) summing to "
                               f"model.levels ({self.levels}) and one model.conv_channels width per stage; got groups "
                               f"{self.groups} and conv_channels {self.conv_channels}")
         if self.skip:

@@ -92,7 +92,8 @@ class SpatialGroup(nn.Module):
 
 class SpatialLadder(nn.Module):
     """The spatial top-down hierarchy (module docstring) over data [C, H, W]. groups[s - 1]: stochastic groups at
-    stage s = 1..n (resolution H / 2^s, finest first); channels[s - 1]: its width; latent_dims: D_1..D_T, the
+    stage s = 1..n (resolution H / 2^s, finest first; 0 below the coarsest: a stage the state only passes through,
+    e.g. groups (0, 1) is a conv flat VAE with the same cells); channels[s - 1]: its width; latent_dims: D_1..D_T, the
     channels of each level's z (level 1, nearest x, first: the last group of stage 1)."""
 
     def __init__(self, data_shape: Sequence[int] = (1, 28, 28), groups: Sequence[int] = (2, 2),
@@ -104,9 +105,9 @@ class SpatialLadder(nn.Module):
             raise ValueError(f"arch spatial needs image data [C, H, W]; got shape {tuple(data_shape)}")
         if posterior not in POSTERIORS:
             raise ValueError(f"unknown posterior {posterior!r}; choose one of {', '.join(POSTERIORS)}")
-        if not groups or len(channels) != len(groups) or min(groups) < 1:
-            raise ValueError(f"arch spatial needs one width per stage and >= 1 group per stage; got groups "
-                             f"{list(groups)} and conv_channels {list(channels)}")
+        if not groups or len(channels) != len(groups) or min(groups) < 0 or groups[-1] < 1:
+            raise ValueError(f"arch spatial needs one width per stage and >= 1 group at the coarsest stage (the last; "
+                             f"finer ones may have 0); got groups {list(groups)} and conv_channels {list(channels)}")
         c_in, h, w = data_shape
         n, T = len(groups), sum(groups)
         if h % 2**n or w % 2**n:
@@ -169,14 +170,17 @@ class SpatialLadder(nn.Module):
         if ds is not None:  # each x's features, repeated for its samples
             ds = [d.unsqueeze(0).expand(n_samples, *d.shape).reshape(rows, *d.shape[1:]) for d in ds]
         h = self.h_top.unsqueeze(0).expand(rows, *self.h_top.shape)
-        steps, stage = [], self.stage_of[0]
+        steps, stage = [], len(self.groups) - 1
         for i, block in enumerate(self.blocks):
             s, lvl = self.stage_of[i], self.n_levels - 1 - i
-            if s != stage:
-                h, stage = self.up[s](h), s
-            mode = Draw(modes[lvl])
-            z, q, p, h = block(h, None if ds is None else ds[s], mode, temps[lvl])
+            while stage > s:  # up to this block's stage (past stages without groups)
+                stage -= 1
+                h = self.up[stage](h)
+            z, q, p, h = block(h, None if ds is None else ds[s], Draw(modes[lvl]), temps[lvl])
             steps.append((z, q, p))
+        while stage > 0:  # the likelihood reads stage 1's state
+            stage -= 1
+            h = self.up[stage](h)
         return steps[::-1], h
 
     @staticmethod
