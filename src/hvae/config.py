@@ -37,6 +37,7 @@ class OptimConfig:
 
     optimizer: str = option("adam", choices=("adam", "adamax"))
     lr: float = option(1e-3, gt=0)
+    weight_decay: float = option(0.0, ge=0, help="decoupled weight decay (adam: AdamW; adamax: an L2 term)")
     ema: float = option(0.0, ge=0, lt=1, help="EMA decay of the weights used for evaluation (0: off)")
     grad_clip: float = option(0.0, ge=0, help="clip the gradient norm to this (0: off)")
     skip_threshold: float = option(0.0, ge=0, help="skip updates whose gradient norm exceeds this (0: off)")

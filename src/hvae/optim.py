@@ -17,11 +17,14 @@ class TrainingError(RuntimeError):
 
 
 def make_optimizer(optim, params) -> torch.optim.Optimizer:
-    """Adam (fused: one pass over the parameters, several times faster than the default on a CPU) or Adamax.
+    """Adam (fused: one pass over the parameters, several times faster than the default on a CPU), AdamW where
+    optim.weight_decay > 0 (w <- w (1 - lr wd) besides the Adam step), or Adamax (weight_decay as an L2 term).
     `optim`: the config's `optim` section."""
     if optim.optimizer == "adam":
+        if optim.weight_decay > 0:
+            return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
         return torch.optim.Adam(params, lr=optim.lr, fused=True)
-    return torch.optim.Adamax(params, lr=optim.lr)
+    return torch.optim.Adamax(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
 class EMA:
