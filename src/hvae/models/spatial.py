@@ -4,8 +4,8 @@
 The same model as ladder.py, p(x, z_1:T) = p(z_T) prod_{t<T} p(z_t | z_{>t}) p(x | z_1:T) and q(z_1:T | x) = q(z_T | x)
 prod_{t<T} q(z_t | z_{>t}, x), with every state a feature map:
 
-- Bottom-up, deterministic: a stem conv at full resolution, then per stage s = 1..n a stride-2 conv and
-  `cells` residual cells: d_s [B, channels[s], H / 2^s, W / 2^s].
+- Bottom-up, deterministic: per stage s = 1..n a stride-2 conv and `cells` residual cells:
+  d_s [B, channels[s], H / 2^s, W / 2^s].
 - Top-down: a learned state h [channels[n], H / 2^n, W / 2^n] (VDVAE's bias), then stage by stage from the
   coarsest, groups[s] stochastic groups each (level T first, level 1 last):
       p(z_t | z_{>t}) = N(conv(h))  (N(0, I) at the top),  q(z_t | z_{>t}, x) from conv(d_s, h) as ladder.py's
@@ -13,7 +13,8 @@ prod_{t<T} q(z_t | z_{>t}, x), with every state a feature map:
       h <- cells(h + conv1x1(z_t));
   between stages h is upsampled (nearest x2 + conv3x3). z_t: [S, B, D_t, H / 2^s, W / 2^s], D_t channels.
 - The likelihood p(x | z_1:T) reads the final state h [.., channels[1], H / 2, W / 2], which every level reaches
-  through the residual stream (NVAE's skip paths): upsampled x2, a cell, conv3x3 to the likelihood's parameters.
+  through the residual stream (NVAE's skip paths): an activation and a stride-2 transposed conv to the likelihood's
+  parameters at full resolution.
   So "what decode takes" (Trace.z1, encode's output) is that state, not z_1.
 
 Because q(z_t | .) and p(z_t | .) condition on the same z_{>t}, sampled before z_t, the closed-form KL is valid at
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from ..cells import cell_stack
 from ..distributions import DiagonalGaussian
 from ..likelihoods import channels_per_pixel, make_likelihood
+from ..nets import OneChannelConvTranspose2d
 from ..nets import activation as act_layer
 from ..numerics import bounded_log_var
 from ..protocol import Level, Trace
@@ -118,11 +120,10 @@ class SpatialLadder(nn.Module):
         self.data_shape, self.groups, self.channels = tuple(data_shape), tuple(groups), tuple(channels)
         self.likelihood, self.dims = likelihood, dims
         act = activation
-        # Bottom-up: stem, then per stage a stride-2 conv and the cells.
-        self.stem = nn.Conv2d(c_in, channels[0], 3, padding=1)
+        # Bottom-up: per stage a stride-2 conv and the cells.
         self.down = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c_prev, c, 4, stride=2, padding=1), cell_stack(cells, c, cell, act, norm, se))
-            for c_prev, c in zip((channels[0], *channels[:-1]), channels))
+            for c_prev, c in zip((c_in, *channels[:-1]), channels))
         # Top-down: the learned initial state, then the groups (top first), upsampling between stages.
         self.h_top = nn.Parameter(torch.zeros(channels[-1], h >> n, w >> n))
         stage_of = [s for s in reversed(range(n)) for _ in range(groups[s])]  # top-down order, 0-based stages
@@ -134,11 +135,11 @@ class SpatialLadder(nn.Module):
         self.up = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
                                               nn.Conv2d(channels[s + 1], channels[s], 3, padding=1))
                                 for s in range(n - 1))
+        # Why a transposed conv, not cells at full resolution: a 3x3 cell at 28x28 would cost as much as all the
+        # groups above it; the conv ladder's decoder ends the same way.
         k = channels_per_pixel(likelihood)
-        self.out = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
-                                 nn.Conv2d(channels[0], channels[0], 3, padding=1),
-                                 cell_stack(1, channels[0], cell, act, norm, se), act_layer(act),
-                                 nn.Conv2d(channels[0], k * c_in, 3, padding=1))
+        deconv = OneChannelConvTranspose2d if k * c_in == 1 else nn.ConvTranspose2d
+        self.out = nn.Sequential(act_layer(act), deconv(channels[0], k * c_in, 4, stride=2, padding=1))
 
     @property
     def n_levels(self) -> int:
@@ -156,7 +157,7 @@ class SpatialLadder(nn.Module):
 
     def bottom_up(self, x: Tensor) -> list[Tensor]:
         """d_s [B, channels[s], H / 2^s, W / 2^s] for s = 1..n (a list, stage 1 first)."""
-        ds, h = [], self.stem(x)
+        ds, h = [], x
         for stage in self.down:
             h = stage(h)
             ds.append(h)
