@@ -356,3 +356,17 @@ def test_the_context_prior_barely_moves_a_sure_posterior():
     # |dm| <= (|a| + lambda |u|)/SNR = (2 + 0.65)/6e5 = 4.4e-6, and dx_hat/dm <= P d^2/4 = 9.2 (m on the boundary of
     # two bins d = 2/256 apart): |dx_hat| <= 4e-5. (P = SNR e^b moved m by ~b u: up to 0.4, 50 bins.)
     assert (moved - base).abs().max() < 1e-4
+
+
+def test_bin_posterior_mean_and_its_gradient_stay_finite_where_the_net_pushes_b_and_a_to_extremes():
+    """An 8-bit run drove b to the clamp near t = 1 within 20 steps (P = 1e-15, m = 1e16: NaN); the precision's floor
+    SNR e^-5 keeps |m| / std within float64's reach of the closed form."""
+    gamma = torch.tensor([-13.3, -2.0, 0.0, 3.0, 5.0, 10.0]).view(-1, 1)  # [6, 1]: SNR from 6e5 to 4.5e-5
+    z = torch.randn(6, 40)
+    a = (torch.tensor([-1e3, -30.0, 0.0, 30.0, 1e3]).repeat(8) * torch.ones(6, 40)).requires_grad_()
+    b = (torch.tensor([-200.0, -30.0, -5.0, 0.0, 5.0, 30.0, 200.0, -1.0]).repeat(5) * torch.ones(6, 40)).requires_grad_()
+    x_hat = bin_posterior_mean(z, gamma, a, b, bin_centres(256, dtype=torch.float32))
+    c = bin_centres(256)
+    assert torch.isfinite(x_hat).all() and x_hat.min() >= c[0] - 1e-6 and x_hat.max() <= c[-1] + 1e-6
+    x_hat.sum().backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()

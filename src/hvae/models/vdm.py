@@ -52,6 +52,7 @@ DENOISERS = ("mlp", "unet")
 SAMPLE_STEPS = 256  # sampling steps of a continuous-time model unless told
 MAX_LEVELS_T = 16  # evaluate lists the T + 1 levels (IW bound, KL per level) only up to this T
 N_FOURIER = 2  # fourier_features' default frequencies 2^6, 2^7
+PRECISION_LOG_FLOOR = 5.0  # V > 2: the context may lower the bin posterior's precision to SNR e^-5, no lower
 
 
 def float32(device: torch.device) -> torch.autocast:
@@ -209,9 +210,11 @@ def bin_posterior_mean(z_t: Tensor, gamma_t: Tensor, a: Tensor, b: Tensor, centr
     if len(centres) == 2:
         logits = -0.5 * snr.unsqueeze(-1) * (u.unsqueeze(-1) - centres) ** 2 + a.unsqueeze(-1) * centres
         return torch.softmax(logits, dim=-1) @ centres  # [B, *data, 2] @ [2]
-    # Why clamp b: expm1(b) stays finite in float32; and P > 0 in float32 (floor SNR e^-30 where SNR - 1 cancels).
-    lam = snr.clamp(max=1) * torch.expm1(b.clamp(-30, 30))
-    precision = torch.maximum(snr + lam, snr * math.exp(-30))
+    # Why clamp b: expm1(b) stays finite in float32, and P >= SNR e^-5 (and >= e^-5 at SNR = 1, where SNR - 1
+    # cancels): an 8-bit run drove b to -30 near t = 1 within 20 steps, P to 1e-15 and m to 1e16, where the mean's
+    # closed form is a difference of equal numbers (|m| / std ~ 1e8 against a gap 2 / std) and returned NaN.
+    lam = snr.clamp(max=1) * torch.expm1(b.clamp(-PRECISION_LOG_FLOOR, 30))
+    precision = torch.maximum(snr + lam, snr * math.exp(-PRECISION_LOG_FLOOR))
     return grid_gaussian_mean((snr * u + a) / precision, precision, len(centres))
 
 
