@@ -59,6 +59,13 @@ def precision_merge(bottom_up: DiagonalGaussian, prior: DiagonalGaussian) -> Dia
     return DiagonalGaussian(mean, log_var, prior.event_ndim)
 
 
+def residual_normal(prior: DiagonalGaussian, dmu: Tensor, dlv: Tensor) -> DiagonalGaussian:
+    """NVAE's residual normal q = N(mu_p + dmu, exp(log_var_p + dlv)) over the prior's event dims.
+
+    Why clamp whatever the model's `variance` says: dlv is a log-ratio of variances, not a raw variance output."""
+    return DiagonalGaussian(prior.mean + dmu, bounded_log_var(prior.log_var + dlv, "clamp"), prior.event_ndim)
+
+
 class Draw(str, Enum):
     """Where a level's z_t comes from in the top-down pass."""
 
@@ -110,9 +117,7 @@ class TopDownBlock(nn.Module):
             return precision_merge(self.post(d), p)
         if self.kind == "independent":
             return self.post(torch.cat([d, h], -1))
-        dmu, dlv = self.post(torch.cat([d, h], -1)).chunk(2, dim=-1)
-        # Why clamp whatever `variance` says: dlv is a log-ratio of variances, not a raw variance output.
-        return DiagonalGaussian(p.mean + dmu, bounded_log_var(p.log_var + dlv, "clamp"))
+        return residual_normal(p, *self.post(torch.cat([d, h], -1)).chunk(2, dim=-1))
 
 
 class LadderVAE(nn.Module):

@@ -36,7 +36,7 @@ from ..nets import OneChannelConvTranspose2d
 from ..nets import activation as act_layer
 from ..numerics import bounded_log_var
 from ..protocol import Level, Trace
-from .ladder import POSTERIORS, Draw, precision_merge
+from .ladder import POSTERIORS, Draw, precision_merge, residual_normal
 from .levels import per_level
 
 
@@ -82,9 +82,7 @@ class SpatialGroup(nn.Module):
             elif self.kind == "independent" or self.prior is None:
                 q = self._gaussian(self.post(torch.cat([d, h], 1)))
             else:
-                dmu, dlv = self.post(torch.cat([d, h], 1)).chunk(2, dim=1)
-                # Why clamp whatever `variance` says: dlv is a log-ratio of variances, not a raw variance output.
-                q = DiagonalGaussian(p.mean + dmu, bounded_log_var(p.log_var + dlv, "clamp"), 3)
+                q = residual_normal(p, *self.post(torch.cat([d, h], 1)).chunk(2, dim=1))
         if mode is Draw.PRIOR:
             z = p.rsample(temperature=temperature)
         else:
@@ -185,9 +183,9 @@ class SpatialLadder(nn.Module):
         return steps[::-1], h
 
     @staticmethod
-    def _split(t: Tensor, n_samples: int | None) -> Tensor:
-        """[S B, ...] -> [S, B, ...] (or unchanged if n_samples is None)."""
-        return t if n_samples is None else t.view(n_samples, -1, *t.shape[1:])
+    def _split(t: Tensor, n_samples: int) -> Tensor:
+        """[S B, ...] -> [S, B, ...]."""
+        return t.view(n_samples, -1, *t.shape[1:])
 
     def infer(self, x: Tensor, n_samples: int = 1) -> StateTrace:
         """Bottom-up pass, then z_T ~ q(z_T | x), z_t ~ q(z_t | z_{>t}, x) top-down, each scored under p(z_t | z_{>t})
