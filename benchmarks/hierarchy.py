@@ -226,8 +226,9 @@ def validation_iw(run: Path, k: int, limit: int) -> dict:
             "kl_per_level": result["kl_per_level"]}
 
 
-def step_speed(names: list[str], rounds: int = 5, steps: int = 20) -> dict[str, float]:
-    """Median over `rounds` of the mean time of `steps` training steps (batch 128, hvae train's optimizer) -> seconds/epoch."""
+def step_speed(specs: dict[str, list[str]], rounds: int = 5, steps: int = 20) -> dict[str, float]:
+    """Median over `rounds` of the mean time of `steps` training steps (batch 128, hvae train's optimizer) of each
+    configuration (name -> its `hvae train` flags: --config FILE / --set KEY=VALUE), round-robin -> seconds/epoch."""
     import torch
 
     from hvae.config import Config, apply, load_yaml, parse_set
@@ -238,14 +239,14 @@ def step_speed(names: list[str], rounds: int = 5, steps: int = 20) -> dict[str, 
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((128, 1, 28, 28), 0.3))
     setups = {}
-    for name in names:
-        args, updates = FINALS[name], {}
+    for name, args in specs.items():
+        updates = {}
         for flag, value in zip(args[::2], args[1::2]):
             updates.update(load_yaml(ROOT / value) if flag == "--config" else parse_set([value]))
         cfg = apply(Config(), updates)
         model = build_model(cfg.model, (1, 28, 28))
         setups[name] = (model, make_optimizer(cfg.optim, model.parameters()), cfg.objective)  # as hvae train
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in specs}
     for _ in range(rounds):
         for name, (model, opt, spec) in setups.items():
             start = time.perf_counter()
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(args.runs, args.at))
         return 0
     if args.stage == "speed":
-        speeds = step_speed(args.only or list(FINALS))
+        speeds = step_speed({n: FINALS[n] for n in args.only or FINALS})
         if args.json:
             args.json.write_text(json.dumps(speeds, indent=2))
         flat = speeds.get("flat-vae")

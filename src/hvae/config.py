@@ -43,6 +43,18 @@ class OptimConfig:
     skip_threshold: float = option(0.0, ge=0, help="skip updates whose gradient norm exceeds this (0: off)")
     max_skips: int = option(10, ge=0, help="after this many skips in a row, clip instead of skipping")
     max_nonfinite: int = option(20, ge=1, help="stop after this many non-finite losses/gradients in a row")
+    schedule: str = option("constant", choices=("constant", "cosine"),
+                           help="the learning rate: constant, or cosine-annealed to lr_min over decay_epochs")
+    decay_epochs: float = option(0.0, ge=0, help="cosine: epochs over which the lr falls from lr to lr_min")
+    lr_min: float = option(0.0, ge=0, help="cosine: the lr at and after decay_epochs")
+    lr_warmup_epochs: float = option(0.0, ge=0, help="linear lr warm-up from 0 over this many epochs (0: off)")
+
+    def check(self) -> None:
+        if self.schedule == "cosine" and self.decay_epochs <= 0:
+            raise ConfigError("optim.schedule=cosine needs optim.decay_epochs > 0 (the epochs over which the lr falls to "
+                              "optim.lr_min), e.g. --set optim.decay_epochs=100")
+        if self.lr_min > self.lr:
+            raise ConfigError(f"optim.lr_min ({self.lr_min}) must not exceed optim.lr ({self.lr}); lower lr_min")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from .errors import DataError
 from .evaluate import EXPLICIT_LEVELS, capabilities, stochastic_bound_of
 from .models import build_model
 from .objectives import ElboTerms, elbo
-from .optim import EMA, TrainingError, UpdateGuard, make_optimizer
+from .optim import EMA, TrainingError, UpdateGuard, lr_at, make_optimizer, set_lr
 from .preemption import Preemption, TrainingStopped
 from .rundir import MetricsLog, clear_training_outputs, prepare_new, start_or_resume, write_provenance
 from .state import TrainState
@@ -78,15 +78,15 @@ def train_step(objective, model: nn.Module, x: Tensor, kl_weight: float, fabric:
 
 
 def log_step(fabric: Fabric, log: MetricsLog | None, state: TrainState, loss: Tensor, terms: ElboTerms, norm: Tensor,
-             kl_weight: float, steps_per_epoch: int, bar) -> None:
-    """A metrics line of this step's means over the ranks (every rank joins the all-reduce)."""
+             kl_weight: float, steps_per_epoch: int, bar, lr: float | None = None) -> None:
+    """A metrics line of this step's means over the ranks (every rank joins the all-reduce); `lr` where scheduled."""
     means = fabric.all_reduce(torch.stack([loss.detach(), terms.elbo.mean(), terms.reconstruction.mean(),
                                            terms.kl.mean()]), reduce_op="mean")
     if log is not None:
         record = {"step": state.step, "epoch": state.step / steps_per_epoch, "loss": means[0].item(),
                   "elbo": means[1].item(), "reconstruction": means[2].item(), "kl": means[3].item(),
                   "kl_per_level": terms.kl_per_level.mean(1).tolist(), "beta": kl_weight, "grad_norm": norm.item(),
-                  **state.counters}
+                  **state.counters, **({"lr": lr} if lr is not None else {})}
         log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.2f}", kl=f"{record['kl']:.1f}")
 
@@ -247,6 +247,7 @@ def fit(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = N
 
     # The loop: batch -> train_step -> log every log_every steps -> checkpoint -> end of epoch. A checkpoint comes
     # every checkpoint_every steps, every checkpoint_minutes, and when SIGTERM/SIGINT asks to stop (then it stops).
+    scheduled = cfg.optim.schedule != "constant" or cfg.optim.lr_warmup_epochs > 0
     steps, preemption = t.epochs * steps_per_epoch, Preemption(t, world).start()  # its signal handlers until close()
     try:
         for epoch in range(state.step // steps_per_epoch, t.epochs):
@@ -260,12 +261,15 @@ def fit(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = N
                 x = fabric.to_device(to_model_input(train_x[order[rank_slice(i, t.batch_size, rank, world)]],
                                                     cfg.model.likelihood, state.data_gen))
                 kl_weight = cfg.objective.kl_weight(state.step, steps_per_epoch)
+                if scheduled:
+                    set_lr(guard.raw, lr_at(cfg.optim, state.step, steps_per_epoch))
                 want_norm = (state.step + 1) % t.log_every == 0
                 loss, terms, norm = train_step(objective, model, x, kl_weight, fabric, guard, state, params, ema,
                                                want_norm)
                 if state.step % t.log_every == 0:
                     guard.settle(state.step)
-                    log_step(fabric, log, state, loss, terms, norm, kl_weight, steps_per_epoch, bar)
+                    log_step(fabric, log, state, loss, terms, norm, kl_weight, steps_per_epoch, bar,
+                             guard.raw.param_groups[0]["lr"] if scheduled else None)
                 # adaptive threads: re-measured when the step time drifts (never where results depend on the count)
                 switched = policy.tick(state.step)
                 if log and switched:

@@ -8,6 +8,8 @@ skip is unbounded); `optim.grad_clip` clips every applied update.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -25,6 +27,25 @@ def make_optimizer(optim, params) -> torch.optim.Optimizer:
             return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
         return torch.optim.Adam(params, lr=optim.lr, fused=True)
     return torch.optim.Adamax(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def lr_at(optim, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of update `step` (0 first), a function of the step alone (so a resumed run follows the
+    same schedule): optim.lr, or with optim.schedule cosine, lr_min + (lr - lr_min) (1 + cos(pi u)) / 2 at
+    u = step / (decay_epochs x steps_per_epoch), held at lr_min after u = 1 (NVAE's schedule); times the linear
+    warm-up min(1, (step + 1) / (lr_warmup_epochs x steps_per_epoch)) when optim.lr_warmup_epochs > 0."""
+    lr = optim.lr
+    if optim.schedule == "cosine":
+        u = min(1.0, step / (optim.decay_epochs * steps_per_epoch))
+        lr = optim.lr_min + (optim.lr - optim.lr_min) * 0.5 * (1.0 + math.cos(math.pi * u))
+    if optim.lr_warmup_epochs > 0:
+        lr *= min(1.0, (step + 1) / (optim.lr_warmup_epochs * steps_per_epoch))
+    return lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 class EMA:

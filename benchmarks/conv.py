@@ -1,0 +1,98 @@
+"""The deep convolutional hierarchy (issue 20): candidates of `model.arch: spatial` against the conv ladder and the
+conv flat VAE, at equal training seconds.
+
+Stages (runs under runs/conv/<stage>/<name>, gitignored; one torch thread per run, --jobs runs at a time):
+  speed   seconds per epoch of each configuration (training steps, batch 128, round-robin in one process, one
+          thread): the ratios that set each candidate's epochs in `select`.
+  select  every candidate (or --only) on the seeded validation split (data.validation=5000) for --seconds of
+          training each (epochs = seconds / its measured s/epoch from --speed FILE), then its validation -ELBO
+          and IW-NLL (k = --k on the first --limit validation images). The test set is not touched.
+  table   summarize run directories (hierarchy.py's table).
+
+    python benchmarks/conv.py speed --json runs/conv/speed.json
+    python benchmarks/conv.py select --speed runs/conv/speed.json --seconds 480 --only sp-res sp-bottleneck
+The budget runs themselves go through benchmarks/curve.py (stages at equal training seconds); BENCHMARKS.md
+section 10 gives their commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hierarchy import HVAE, ROOT, run_pool, step_speed, table, validation_iw  # noqa: E402
+
+CONV_LADDER = ["--config", "configs/best-ladder.yaml", "--set", "model.arch=conv"]
+SPATIAL = ["--set", "model.name=ladder", "--set", "model.arch=spatial", "--set", "model.levels=3", "--set",
+           "model.groups=[1,2]", "--set", "model.latent_dim=8", "--set", "objective.warmup_epochs=2"]
+
+SPECS: dict[str, list[str]] = {
+    "conv-ladder": CONV_LADDER,  # the baseline that sets the budget: 150 epochs of it
+    "sp-res": SPATIAL,  # 3 levels: one 14x14 group, two 7x7 groups, 8 channels each; residual 3x3 cells
+    "sp-bottleneck": [*SPATIAL, "--set", "model.cell=bottleneck"],
+    "sp-separable": [*SPATIAL, "--set", "model.cell=separable"],
+    "sp-res-se": [*SPATIAL, "--set", "model.se=true"],
+    "sp-res-balance": [*SPATIAL, "--set", "objective.balance=true"],
+    "sp-res-22": [*SPATIAL, "--set", "model.levels=4", "--set", "model.groups=[2,2]"],
+    "sp-res-cells2": [*SPATIAL, "--set", "model.cells=2"],
+    "sp-res-precision": [*SPATIAL, "--set", "model.posterior=precision"],
+    "conv-flat": [*SPATIAL, "--set", "model.levels=1", "--set", "model.groups=[0,1]"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("speed", "select", "table"))
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories (table)")
+    parser.add_argument("--only", nargs="*", help="these configurations only")
+    parser.add_argument("--json", type=Path, help="speed: also write {name: seconds/epoch} here")
+    parser.add_argument("--speed", type=Path, help="select: the speed stage's JSON")
+    parser.add_argument("--seconds", type=float, default=480.0, help="select: training seconds per candidate")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--limit", type=int, default=2000)
+    parser.add_argument("--root", type=Path, default=ROOT / "runs" / "conv")
+    args = parser.parse_args(argv)
+    names = args.only or list(SPECS)
+    if args.stage == "table":
+        print(table(args.runs))
+        return 0
+    if args.stage == "speed":
+        speeds = step_speed({n: SPECS[n] for n in names})
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(speeds, indent=2))
+        base = speeds.get("conv-ladder")
+        print("| configuration | s/epoch (468 steps, 1 thread) | x conv ladder |\n|---|---|---|")
+        for name, sec in speeds.items():
+            print(f"| {name} | {sec:.1f} | {sec / base:.2f} |" if base else f"| {name} | {sec:.1f} | |")
+        return 0
+    if not args.speed:
+        parser.error("select needs --speed FILE (from the speed stage), to give each candidate equal seconds")
+    speeds = json.loads(args.speed.read_text())
+    jobs = []
+    for name in names:
+        out = args.root / "select" / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        epochs = max(1, round(args.seconds / speeds[name]))
+        cmd = [*HVAE, "train", *SPECS[name], "--epochs", str(epochs), "--set", "runtime.threads=1",
+               "--set", "data.validation=5000", "--out", str(out), "--no-progress"]
+        jobs.append((name, [cmd], out.with_name(f"{name}.log")))
+    run_pool(jobs, args.jobs)
+    import torch
+
+    torch.set_num_threads(1)  # as the runs: the validation bounds below must not take a core from a timed job
+    print(table([args.root / "select" / n for n in names]))
+    print("| run | val IW-NLL | val -ELBO | KL per level |\n|---|---|---|---|")
+    for run in sorted((validation_iw(args.root / "select" / n, args.k, args.limit) for n in names),
+                      key=lambda r: r["val_iw_nll"]):
+        print(f"| {run['name']} | {run['val_iw_nll']:.2f} | {run['val_neg_elbo']:.2f} | "
+              f"{', '.join(f'{v:.1f}' for v in run['kl_per_level'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
