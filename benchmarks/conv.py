@@ -7,7 +7,7 @@ Stages (runs under runs/conv/<stage>/<name>, gitignored; one torch thread per ru
   select  every candidate (or --only) on the seeded validation split (data.validation=5000) for --seconds of
           training each (epochs = seconds / its measured s/epoch from --speed FILE), then its validation -ELBO
           and IW-NLL (k = --k on the first --limit validation images). The test set is not touched.
-  table   summarize run directories (hierarchy.py's table).
+  table   summarize run directories: hierarchy.py's table, then each run's validation bounds as in select.
 
     python benchmarks/conv.py speed --json runs/conv/speed.json
     python benchmarks/conv.py select --speed runs/conv/speed.json --seconds 480 --only sp-res sp-bottleneck
@@ -39,6 +39,8 @@ SPECS: dict[str, list[str]] = {
     "sp-res-22": [*SPATIAL, "--set", "model.levels=4", "--set", "model.groups=[2,2]"],
     "sp-res-cells2": [*SPATIAL, "--set", "model.cells=2"],
     "sp-res-precision": [*SPATIAL, "--set", "model.posterior=precision"],
+    # the cosine lr schedule annealed over the screen's 10 epochs of sp-res (a budget run anneals over its own)
+    "sp-res-cosine": [*SPATIAL, "--set", "optim.schedule=cosine", "--set", "optim.decay_epochs=10"],
     "conv-flat": [*SPATIAL, "--set", "model.levels=1", "--set", "model.groups=[0,1]"],
 }
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = args.only or list(SPECS)
     if args.stage == "table":
-        print(table(args.runs))
+        report(args.runs, args.k, args.limit)
         return 0
     if args.stage == "speed":
         speeds = step_speed({n: SPECS[n] for n in names})
@@ -82,16 +84,21 @@ def main(argv: list[str] | None = None) -> int:
                "--set", "data.validation=5000", "--out", str(out), "--no-progress"]
         jobs.append((name, [cmd], out.with_name(f"{name}.log")))
     run_pool(jobs, args.jobs)
+    report([args.root / "select" / n for n in names], args.k, args.limit)
+    return 0
+
+
+def report(runs: list[Path], k: int, limit: int) -> None:
+    """hierarchy.py's table of the runs, then their validation IW-NLL (k) and -ELBO on the first `limit` images of
+    their own held-out split, best first, computed on one thread (not to take a core from a timed job)."""
     import torch
 
-    torch.set_num_threads(1)  # as the runs: the validation bounds below must not take a core from a timed job
-    print(table([args.root / "select" / n for n in names]))
+    torch.set_num_threads(1)
+    print(table(runs))
     print("| run | val IW-NLL | val -ELBO | KL per level |\n|---|---|---|---|")
-    for run in sorted((validation_iw(args.root / "select" / n, args.k, args.limit) for n in names),
-                      key=lambda r: r["val_iw_nll"]):
+    for run in sorted((validation_iw(r, k, limit) for r in runs), key=lambda r: r["val_iw_nll"]):
         print(f"| {run['name']} | {run['val_iw_nll']:.2f} | {run['val_neg_elbo']:.2f} | "
               f"{', '.join(f'{v:.1f}' for v in run['kl_per_level'])} |")
-    return 0
 
 
 if __name__ == "__main__":

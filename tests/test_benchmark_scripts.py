@@ -179,3 +179,28 @@ def test_busy_summary_compares_the_policy_with_the_best_pinned_count_and_todays_
         [(0, "policy", 11, [2]), (0, "pinned1", 14, []), (0, "pinned2", 10, [])]
     summary = table.split("\n\n")[1].splitlines()
     assert summary[2] == "| 0 | 1.10 | 0.91x |" and summary[3] == "| 1 | 1.07 | 2.00x |"  # 11/10, 10/11; 15/14, 30/15
+
+
+def test_conv_script_configurations_are_valid_and_build_at_the_resolutions_they_claim():
+    """Every benchmarks/conv.py configuration is a config hvae accepts; the spatial ones build the ladder's spatial
+    form with latents at 14x14 and 7x7 (the conv flat VAE at 7x7 only), the baseline the vector conv ladder."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("conv_bench", ROOT / "benchmarks" / "conv.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    from hvae.config import Config, apply, load_yaml, parse_set
+    from hvae.models import build_model
+
+    for name, args in conv.SPECS.items():
+        updates = {}
+        for flag, value in zip(args[::2], args[1::2]):
+            updates.update(load_yaml(ROOT / value) if flag == "--config" else parse_set([value]))
+        model = build_model(apply(Config(), updates).model, (1, 28, 28))
+        if name == "conv-ladder":
+            assert type(model).__name__ == "LadderVAE" and model.latent_dims == (32, 16)
+            continue
+        assert type(model).__name__ == "SpatialLadder", name
+        sizes = set(model.latent_dims)  # 8 channels at 14x14 (level 1) and at 7x7 (the top)
+        assert sizes == ({8 * 49} if name == "conv-flat" else {8 * 196, 8 * 49}), (name, model.latent_dims)
