@@ -7,7 +7,8 @@ levels, the VLB over --passes passes of --draws stratified draws per image for a
 RUN/curve.jsonl: epoch, training seconds so far (the sum of the run's epoch_seconds), wall minutes, and the
 evaluation's figures. Stops starting stages after --minutes of wall time or once the training seconds reach
 --budget-seconds (so that models can be compared at equal training seconds): the stage that would pass the budget
-is shortened to the epochs that end nearest it, at the run's mean seconds per epoch so far.
+is shortened to the epochs that end nearest it, at the run's mean seconds per epoch so far. Run again on the same
+--out (e.g. after a stop), it continues the run from its last checkpoint and its curve from its last line.
 
     python benchmarks/curve.py --out runs/vdm-curve --every 10 --minutes 90 -- --model vdm --set optim.ema=0.999
     python benchmarks/curve.py --out runs/vae-8bit --budget-seconds 1800 -- --set model.likelihood=logistic
@@ -33,6 +34,13 @@ KEYS = ("elbo", "elbo_se", "iw_nll", "k", "reconstruction", "kl", "prior_kl", "d
 def train_seconds(run: Path) -> float:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return sum(r["epoch_seconds"] for r in records if "epoch_seconds" in r)
+
+
+def epochs_done(run: Path) -> int:
+    """Whole epochs of the run (0 if none): its last epoch record in metrics.jsonl."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return max((int(r["epoch"]) for r in map(json.loads, lines) if "epoch_seconds" in r), default=0)
 
 
 def next_stage(epoch: int, every: int, spent: float, budget: float) -> int:
@@ -66,10 +74,26 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("train_args", nargs="*", help="after --: arguments for hvae train (not --epochs, --out)")
     args = ap.parse_args()
-    start, epoch = time.perf_counter(), 0
+    start = time.perf_counter()
+
+    def record(epoch: int) -> None:
+        result = evaluate(args.out, args)
+        line = {"epoch": epoch, "train_seconds": train_seconds(args.out),
+                "wall_minutes": (time.perf_counter() - start) / 60, **{k: result[k] for k in KEYS if k in result}}
+        with open(args.out / "curve.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(json.dumps(line), file=sys.stderr)
+
+    # A run already there is continued from its last whole epoch (evaluated first if the curve lacks it), the next
+    # stage ending on a multiple of --every as in an uninterrupted run.
+    epoch = epochs_done(args.out) if (args.out / "checkpoints").exists() else 0
+    curve = args.out / "curve.jsonl"
+    if epoch and epoch not in {json.loads(x)["epoch"] for x in (curve.read_text().splitlines() if curve.exists() else [])}:
+        record(epoch)
     while (epoch < args.epochs and (time.perf_counter() - start) / 60 < args.minutes
            and (epoch == 0 or train_seconds(args.out) < args.budget_seconds)):
-        stage = next_stage(epoch, args.every, train_seconds(args.out) if epoch else 0.0, args.budget_seconds)
+        stage = min(next_stage(epoch, args.every, train_seconds(args.out) if epoch else 0.0, args.budget_seconds),
+                    args.every - epoch % args.every)
         if stage < 1:
             break
         epoch = min(args.epochs, epoch + stage)
@@ -78,12 +102,7 @@ def main() -> None:
         else:
             argv = ["train", *args.train_args, "--epochs", epoch, "--out", args.out, "--no-progress"]
         assert hvae(argv) == 0
-        result = evaluate(args.out, args)
-        line = {"epoch": epoch, "train_seconds": train_seconds(args.out),
-                "wall_minutes": (time.perf_counter() - start) / 60, **{k: result[k] for k in KEYS if k in result}}
-        with open(args.out / "curve.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
-        print(json.dumps(line), file=sys.stderr)
+        record(epoch)
 
 
 if __name__ == "__main__":

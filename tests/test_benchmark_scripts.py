@@ -181,6 +181,29 @@ def test_busy_summary_compares_the_policy_with_the_best_pinned_count_and_todays_
     assert summary[2] == "| 0 | 1.10 | 0.91x |" and summary[3] == "| 1 | 1.07 | 2.00x |"  # 11/10, 10/11; 15/14, 30/15
 
 
+def test_curve_script_run_again_continues_the_run_and_its_curve(idx_dir, tmp_path):
+    """A second call on the same --out resumes from the run's last epoch (here after a stop mid-stage: the run at
+    epoch 3 with the curve at 2), evaluates that epoch, then ends stages on multiples of --every."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "vae"
+    curve = [sys.executable, str(ROOT / "benchmarks" / "curve.py"), "--out", str(run), "--every", "2", "--limit", "8",
+             "--k", "2"]
+    train = ["--data-dir", str(idx_dir.parent), "--batch-size", "64", "--set", "model.hidden=[32]", "--set",
+             "model.latent_dim=2", "--set", "runtime.threads=1"]
+    assert subprocess.run([*curve, "--epochs", "2", "--", *train], capture_output=True, timeout=300).returncode == 0
+    more = [sys.executable, "-m", "hvae", "train", "--resume", str(run), "--epochs", "3", "--no-progress"]
+    assert subprocess.run(more, capture_output=True, timeout=300).returncode == 0  # as if stopped during a stage
+    out = subprocess.run([*curve, "--epochs", "6"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [2, 3, 4, 6]
+    assert all(b["train_seconds"] > a["train_seconds"] for a, b in zip(lines, lines[1:]))
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "epoch_seconds" in r] == [1, 2, 3, 4, 5, 6]
+
+
 def test_conv_script_configurations_are_valid_and_build_at_the_resolutions_they_claim():
     """Every benchmarks/conv.py configuration is a config hvae accepts; the spatial ones build the ladder's spatial
     form with latents at 14x14 and 7x7 (the conv flat VAE at 7x7 only), the baseline the vector conv ladder."""
