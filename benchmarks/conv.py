@@ -36,6 +36,7 @@ SPECS: dict[str, list[str]] = {
     "sp-separable": [*SPATIAL, "--set", "model.cell=separable"],
     "sp-res-se": [*SPATIAL, "--set", "model.se=true"],
     "sp-res-balance": [*SPATIAL, "--set", "objective.balance=true"],
+    "sp-res-nowarmup": [*SPATIAL, "--set", "objective.warmup_epochs=0"],
     "sp-res-22": [*SPATIAL, "--set", "model.levels=4", "--set", "model.groups=[2,2]"],
     "sp-res-cells2": [*SPATIAL, "--set", "model.cells=2"],
     "sp-res-precision": [*SPATIAL, "--set", "model.posterior=precision"],

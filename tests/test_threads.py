@@ -357,6 +357,9 @@ def test_eval_measures_once_unless_the_run_pins_its_threads(idx_dir, tmp_path, m
     assert main(["eval", str(tmp_path / "pinned"), *evaluate]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["threads"] == 1 and "thread(s)" not in err
+    assert main(["eval", str(tmp_path / "measured"), *evaluate, "--threads", "3"]) == 0  # --threads pins it here
+    out, err = capsys.readouterr()
+    assert json.loads(out)["threads"] == 3 and "thread(s)" not in err
 
 
 def test_a_negative_thread_count_is_one_line_of_bad_input(idx_dir, tmp_path, capsys):

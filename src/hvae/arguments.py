@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=at_least(1), default=1000, help="importance samples (default 1000)")
     e.add_argument("--limit", type=at_least(1), help="evaluate the first N test images only")
     e.add_argument("--batch-size", type=at_least(1), default=100)
+    e.add_argument("--threads", type=at_least(0), help="torch CPU threads of this evaluation (0: measure the fastest; "
+                   "default: the run's runtime.threads)")
     e.add_argument("--passes", type=at_least(2), default=10,
                    help="passes over the images for a stochastic bound (a diffusion VLB), for its standard error")
     e.add_argument("--draws", type=at_least(1), default=8,

@@ -104,13 +104,14 @@ def save_images(args, cfg, images, nrow: int, default: str) -> int:
 
 
 def evaluate_on(args, cfg, model, x) -> dict:
-    """`hvae eval`'s metrics of x, and "threads": the count it ran with (threads.choose_for_eval: the run's pinned
-    runtime.threads, else measured once over a few throwaway calls)."""
+    """`hvae eval`'s metrics of x, and "threads": the count it ran with (threads.choose_for_eval: --threads, else the
+    run's pinned runtime.threads; where neither pins one, measured once over a few throwaway calls)."""
     from .evaluate import evaluate
     from .threads import choose_for_eval, eval_probe
 
     chosen = choose_for_eval(eval_probe(model, x, args.k, args.batch_size, args.draws),
-                             cfg.runtime.threads if cfg else 0, x.device.type == "cpu")
+                             args.threads if args.threads is not None else cfg.runtime.threads if cfg else 0,
+                             x.device.type == "cpu")
     result = evaluate(model, x, k=args.k, batch_size=args.batch_size, passes=args.passes, draws=args.draws,
                       device=next(model.parameters()).device, progress=not args.no_progress)
     return result | {"threads": chosen["count"]}
