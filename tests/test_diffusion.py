@@ -534,3 +534,25 @@ def test_several_draws_per_example_are_stratified_in_time_and_average_the_bound(
     terms = diffusion.vdm_terms(model, x.repeat(5, *([1] * (x.dim() - 1))))
     torch.testing.assert_close(bound.elbo, terms.elbo.reshape(5, 3).mean(0))
     torch.testing.assert_close(bound.extra["diffusion"], terms.diffusion.reshape(5, 3).mean(0))
+
+
+def test_objective_draws_average_stratified_draws_of_the_bound_and_lower_its_variance():
+    """objective.draws = m: the objective is vdm_bound(draws=m) (the same numbers, with gradients), whose estimate
+    of the same mean has a smaller spread than one draw's: over 400 seeds, the means agree within 4 standard errors
+    and the variance falls by more than 2x for m = 4 (stratifying t removes most of it)."""
+    model, x = Stub(), binary_data(3, 6, seed=2)
+    torch.manual_seed(7)
+    objective, terms = VdmObjective(draws=4)(model, x)
+    torch.manual_seed(7)
+    bound = diffusion.vdm_bound(model, x, draws=4)
+    torch.testing.assert_close(objective, bound.elbo)
+    torch.testing.assert_close(terms.kl_per_level, torch.stack([bound.extra["prior_kl"], bound.extra["diffusion"]]))
+    one, four = [], []
+    for seed in range(400):
+        torch.manual_seed(seed)
+        one.append(VdmObjective()(model, x)[0])
+        four.append(VdmObjective(draws=4)(model, x)[0])
+    one, four = torch.stack(one), torch.stack(four)  # [400, B]
+    se = (one.var(0) / 400 + four.var(0) / 400).sqrt()
+    assert ((one.mean(0) - four.mean(0)).abs() < 4 * se).all()
+    assert (four.var(0) < one.var(0) / 2).all()

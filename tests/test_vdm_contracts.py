@@ -31,7 +31,7 @@ def weights(run: Path, name: str = "model.safetensors") -> dict:
     return load_file(run / "checkpoints" / "last" / name)
 
 
-@pytest.mark.parametrize("extra", [{}, {"model.timesteps": 4}, {"model.schedule": "network"}])
+@pytest.mark.parametrize("extra", [{}, {"model.timesteps": 4}, {"model.schedule": "network"}, {"objective.draws": 3}])
 def test_a_resumed_vdm_run_equals_an_uninterrupted_one_bit_for_bit(idx_dir, tmp_path, extra):
     fit(tiny_cfg(idx_dir, **extra), tmp_path / "straight", progress=False)
     fit(tiny_cfg(idx_dir, **extra, **{"train.epochs": 1}), tmp_path / "resumed", progress=False)
