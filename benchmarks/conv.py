@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hierarchy import HVAE, ROOT, run_pool, step_speed, table, validation_iw  # noqa: E402
+from hierarchy import HVAE, ROOT, run_pool, speed_stage, table, validation_iw  # noqa: E402
 
 CONV_LADDER = ["--config", "configs/best-ladder.yaml", "--set", "model.arch=conv"]
 SPATIAL = ["--set", "model.name=ladder", "--set", "model.arch=spatial", "--set", "model.levels=3", "--set",
@@ -64,14 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         report(args.runs, args.k, args.limit)
         return 0
     if args.stage == "speed":
-        speeds = step_speed({n: SPECS[n] for n in names})
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(speeds, indent=2))
-        base = speeds.get("conv-ladder")
-        print("| configuration | s/epoch (468 steps, 1 thread) | x conv ladder |\n|---|---|---|")
-        for name, sec in speeds.items():
-            print(f"| {name} | {sec:.1f} | {sec / base:.2f} |" if base else f"| {name} | {sec:.1f} | |")
+        speed_stage({n: SPECS[n] for n in names}, args.json, "conv-ladder", "conv ladder")
         return 0
     if not args.speed:
         parser.error("select needs --speed FILE (from the speed stage), to give each candidate equal seconds")

@@ -259,6 +259,19 @@ def step_speed(specs: dict[str, list[str]], rounds: int = 5, steps: int = 20) ->
     return {n: statistics.median(t) * (60000 // 128) for n, t in times.items()}
 
 
+def speed_stage(specs: dict[str, list[str]], json_path: Path | None, base: str, label: str) -> dict[str, float]:
+    """step_speed of the configurations, written to json_path when given, printed as a table of ratios to `base`."""
+    speeds = step_speed(specs)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(speeds, indent=2))
+    ref = speeds.get(base)
+    print(f"| configuration | s/epoch (468 steps, 1 thread) | x {label} |\n|---|---|---|")
+    for name, sec in speeds.items():
+        print(f"| {name} | {sec:.1f} | {sec / ref:.2f} |" if ref else f"| {name} | {sec:.1f} | |")
+    return speeds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("select", "final", "table", "valiw", "speed", "curve", "plot"))
@@ -281,13 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(args.runs, args.at))
         return 0
     if args.stage == "speed":
-        speeds = step_speed({n: FINALS[n] for n in args.only or FINALS})
-        if args.json:
-            args.json.write_text(json.dumps(speeds, indent=2))
-        flat = speeds.get("flat-vae")
-        print("| configuration | s/epoch (468 steps) | x flat |\n|---|---|---|")
-        for name, sec in speeds.items():
-            print(f"| {name} | {sec:.1f} | {sec / flat:.2f} |" if flat else f"| {name} | {sec:.1f} | |")
+        speed_stage({n: FINALS[n] for n in args.only or FINALS}, args.json, "flat-vae", "flat")
         return 0
     if args.stage == "valiw":
         rows = sorted((validation_iw(run, args.k, args.limit or 5000) for run in args.runs), key=lambda r: r["val_iw_nll"])
