@@ -38,6 +38,7 @@ SPECS: dict[str, list[str]] = {
     "sp-res-balance": [*SPATIAL, "--set", "objective.balance=true"],
     "sp-res-nowarmup": [*SPATIAL, "--set", "objective.warmup_epochs=0"],
     "sp-res-22": [*SPATIAL, "--set", "model.levels=4", "--set", "model.groups=[2,2]"],
+    "sp-res-03": [*SPATIAL, "--set", "model.groups=[0,3]"],  # every level at 7x7, none at 14x14
     "sp-res-cells2": [*SPATIAL, "--set", "model.cells=2"],
     "sp-res-precision": [*SPATIAL, "--set", "model.posterior=precision"],
     # the cosine lr schedule annealed over the screen's 10 epochs of sp-res (a budget run anneals over its own)
