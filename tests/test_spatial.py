@@ -202,3 +202,14 @@ def test_spatial_ladder_trains_and_evaluates_through_the_cli(idx_dir, tmp_path, 
     assert len(result["kl_per_level"]) == 3 and len(result["active_units_per_level"]) == 3
     assert abs(sum(result["kl_per_level"]) - result["kl"]) < 1e-4
     assert main(["sample", str(run), "--n", "4", "--no-progress"]) == 0
+
+
+def test_the_discretized_logistic_likelihood_for_8_bit_images():
+    """likelihood logistic (8-bit data): two outputs per pixel, loc and scale at the data's shape, from the final
+    state; log p(x | z) finite and below 0 (a discrete distribution; its normalization: test_likelihoods.py)."""
+    model = perturbed(small(likelihood="logistic"))
+    x = torch.randint(0, 256, (2, *SHAPE)).float() / 127.5 - 1.0
+    lik = model.decode(model.infer(x, 3).z1)
+    assert tuple(lik.loc.shape) == tuple(lik.log_scale.shape) == (3, 2, *SHAPE)
+    log_p = lik.log_prob(x)
+    assert tuple(log_p.shape) == (3, 2) and torch.isfinite(log_p).all() and (log_p < 0).all()
