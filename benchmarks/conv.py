@@ -39,6 +39,9 @@ SPECS: dict[str, list[str]] = {
     "sp-res-nowarmup": [*SPATIAL, "--set", "objective.warmup_epochs=0"],
     "sp-res-22": [*SPATIAL, "--set", "model.levels=4", "--set", "model.groups=[2,2]"],
     "sp-res-03": [*SPATIAL, "--set", "model.groups=[0,3]"],  # every level at 7x7, none at 14x14
+    # a vector level of 32 values above the groups (VDVAE's 1x1 top)
+    "sp-res-vtop": [*SPATIAL, "--set", "model.vector_top=true", "--set", "model.levels=4", "--set",
+                    "model.latent_dims=[8,8,8,32]"],
     "sp-res-cells2": [*SPATIAL, "--set", "model.cells=2"],
     "sp-res-precision": [*SPATIAL, "--set", "model.posterior=precision"],
     # the cosine lr schedule annealed over the screen's 10 epochs of sp-res (a budget run anneals over its own)

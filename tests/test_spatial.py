@@ -61,10 +61,15 @@ def test_levels_are_feature_maps_at_their_stage_and_keep_the_protocol_shapes(pos
     assert model.sample(b).shape == (b, *SHAPE) and model.reconstruct(binary(b)).shape == (b, *SHAPE)
 
 
-@pytest.mark.parametrize("posterior", POSTERIORS)
+def with_vector_top() -> SpatialLadder:
+    """small() with a vector top of 5 values above its groups: 4 levels, level 3 (the 2x2 top group) no longer N(0, I)."""
+    return small(latent_dims=(3, 2, 4, 5), vector_top=True)
+
+
+@pytest.mark.parametrize("posterior", [*POSTERIORS, "residual+vector_top"])
 def test_closed_form_kl_per_level_is_the_sampled_log_ratio_in_expectation(posterior):
     """E_q[log q(z_t | .) - log p(z_t | .)] = KL_t: valid only because both condition on the same z_{>t}."""
-    model = perturbed(small(posterior=posterior)).double().eval()
+    model = perturbed(with_vector_top() if "+" in posterior else small(posterior=posterior)).double().eval()
     x = binary(2).double()
     n = 4000
     trace = model.infer(x, n)
@@ -76,8 +81,9 @@ def test_closed_form_kl_per_level_is_the_sampled_log_ratio_in_expectation(poster
     assert ((mean - analytic).abs() < 4 * se + 1e-9).all(), (mean, analytic, se)
 
 
-def test_log_weights_are_the_reconstruction_minus_the_sampled_rates_and_k1_is_the_elbo():
-    model = perturbed(small()).double().eval()
+@pytest.mark.parametrize("vector_top", [False, True])
+def test_log_weights_are_the_reconstruction_minus_the_sampled_rates_and_k1_is_the_elbo(vector_top):
+    model = perturbed(with_vector_top() if vector_top else small()).double().eval()
     x = binary(4).double()
     torch.manual_seed(5)
     trace = model.infer(x, 3)
@@ -185,21 +191,23 @@ def test_config_builds_the_spatial_ladder_and_refuses_what_cannot_work():
         SpatialLadder((36,), groups=(1,), channels=(4,))
 
 
-def test_spatial_ladder_trains_and_evaluates_through_the_cli(idx_dir, tmp_path, capsys):
+@pytest.mark.parametrize("top", [[], ["--set", "model.vector_top=true", "--set", "model.levels=4"]])
+def test_spatial_ladder_trains_and_evaluates_through_the_cli(idx_dir, tmp_path, capsys, top):
     from hvae.cli import main
 
     run = tmp_path / "run"
     args = ["--model", "ladder", "--set", "model.arch=spatial", "--set", "model.levels=3", "--set",
             "model.groups=[1, 2]", "--set", "model.conv_channels=[8, 16]", "--set", "model.latent_dim=2", "--set",
             "model.cell=bottleneck", "--set", "model.se=true", "--set", "model.norm=batch", "--batch-size", "32",
-            "--no-progress"]
+            "--no-progress", *top]
     assert main(["train", "--data-dir", str(idx_dir.parent), "--epochs", "2", "--out", str(run), *args]) == 0
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["train_elbo"] > lines[0]["train_elbo"]  # it learned
     capsys.readouterr()
     assert main(["eval", str(run), "--k", "10", "--limit", "16", "--json", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert len(result["kl_per_level"]) == 3 and len(result["active_units_per_level"]) == 3
+    levels = 4 if top else 3
+    assert len(result["kl_per_level"]) == levels and len(result["active_units_per_level"]) == levels
     assert abs(sum(result["kl_per_level"]) - result["kl"]) < 1e-4
     assert main(["sample", str(run), "--n", "4", "--no-progress"]) == 0
 
@@ -213,3 +221,30 @@ def test_the_discretized_logistic_likelihood_for_8_bit_images():
     assert tuple(lik.loc.shape) == tuple(lik.log_scale.shape) == (3, 2, *SHAPE)
     log_p = lik.log_prob(x)
     assert tuple(log_p.shape) == (3, 2) and torch.isfinite(log_p).all() and (log_p < 0).all()
+
+
+def test_a_vector_top_is_one_more_level_above_the_groups_and_reaches_every_level_below():
+    """vector_top: level T = 4 is a vector z_4 [S, B, 5] with p = N(0, I); the top group (level 3) gets a conv prior
+    that depends on z_4; temperatures, sampling, resample_lower and the config take the extra level."""
+    model = perturbed(with_vector_top()).eval()
+    b, s = 3, 2
+    trace = model.infer(binary(b), s)
+    assert [tuple(lvl.z.shape) for lvl in trace.levels] == [(s, b, 3, 4, 4), (s, b, 2, 2, 2), (s, b, 4, 2, 2), (s, b, 5)]
+    assert model.latent_dims == (48, 8, 16, 5) and model.n_levels == 4
+    assert trace.levels[-1].p.is_standard and not trace.levels[-2].p.is_standard
+    p3 = trace.levels[-2].p.mean  # [S, B, 4, 2, 2]: the two samples of z_4 give two priors for level 3
+    assert not torch.allclose(p3[0], p3[1])
+    terms = elbo(model, binary(b), s)
+    assert terms.kl_per_level.shape == (4, b) and (terms.kl_per_level > 0).all()
+    torch.manual_seed(0)
+    only_top = model.sample(4, [0.0, 0.0, 0.0, 1.0])
+    assert not torch.allclose(only_top[0], only_top[1])  # z_4 alone varies the images
+    torch.testing.assert_close(model.resample_lower(binary(b), 4), model.reconstruct(binary(b)))
+    cfg = LadderConfig(arch="spatial", levels=3, groups=[0, 2], conv_channels=[8, 16], vector_top=True)
+    cfg.check()
+    assert build_model(cfg, SHAPE).latent_dims == (32 * 4, 32 * 4, 32)
+    with pytest.raises(ValueError, match="vector_top"):
+        apply(Config(), {"model.name": "ladder", "model.arch": "spatial", "model.levels": 2, "model.groups": [0, 2],
+                         "model.conv_channels": [8, 16], "model.vector_top": True})
+    with pytest.raises(ValueError, match="vector_top"):
+        apply(Config(), {"model.name": "ladder", "model.vector_top": True})

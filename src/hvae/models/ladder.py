@@ -301,18 +301,23 @@ class LadderConfig(HierarchyOptions, ModelOptions):
     cells: int = option(1, ge=0, help="spatial arch: residual cells per stage (bottom-up) and per group (top-down)")
     cell: str = option("residual", choices=CELLS, help="spatial arch: residual | bottleneck (VDVAE) | separable (NVAE)")
     se: bool = option(False, help="spatial arch: squeeze-excitation in every cell")
+    vector_top: bool = option(False, help="spatial arch: the top level is a vector (its size the last latent dim) "
+                              "above the groups (VDVAE's 1x1 top); model.levels = sum(groups) + 1")
 
     def check(self) -> None:
         super().check()
         if self.arch != "spatial":
-            if self.groups:
-                raise ConfigError("model.groups is for arch spatial; set model.arch=spatial or drop model.groups")
+            if self.groups or self.vector_top:
+                raise ConfigError("model.groups and model.vector_top are for arch spatial; set model.arch=spatial or "
+                                  "drop them")
             return
-        if (not self.groups or sum(self.groups) != self.levels or len(self.conv_channels) != len(self.groups)
-                or self.groups[-1] < 1):
-            raise ConfigError(f"arch spatial needs model.groups (groups per stage, finest first, >= 1 at the last) summing to "
-                              f"model.levels ({self.levels}) and one model.conv_channels width per stage; got groups "
-                              f"{self.groups} and conv_channels {self.conv_channels}")
+        top = int(self.vector_top)
+        if (not self.groups or sum(self.groups) + top != self.levels or len(self.conv_channels) != len(self.groups)
+                or self.groups[-1] < 1 - top):
+            raise ConfigError(f"arch spatial needs model.groups (groups per stage, finest first, >= 1 at the last unless "
+                              f"vector_top) summing to model.levels ({self.levels}{' - 1 for vector_top' if top else ''})"
+                              f" and one model.conv_channels width per stage; got groups {self.groups} and "
+                              f"conv_channels {self.conv_channels}")
         if self.skip:
             raise ConfigError("arch spatial: every level reaches the likelihood through the top-down state already; "
                               "drop model.skip")
@@ -323,7 +328,7 @@ class LadderConfig(HierarchyOptions, ModelOptions):
 
             return SpatialLadder(data_shape, self.groups, self.conv_channels, self.dims(), self.cells,
                                  self.cell, self.se, self.likelihood, self.activation, self.norm, self.posterior,
-                                 self.variance)
+                                 self.variance, self.vector_top)
         return LadderVAE(data_shape, self.dims(), posterior=self.posterior, skip=self.skip, arch=self.arch,
                          conv_channels=self.conv_channels, hidden=self.hidden, level_hidden=self.level_hidden,
                          likelihood=self.likelihood, activation=self.activation, variance=self.variance,

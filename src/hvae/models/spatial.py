@@ -6,7 +6,9 @@ prod_{t<T} q(z_t | z_{>t}, x), with every state a feature map:
 
 - Bottom-up, deterministic: per stage s = 1..n a stride-2 conv and `cells` residual cells:
   d_s [B, channels[s], H / 2^s, W / 2^s].
-- Top-down: a learned state h [channels[n], H / 2^n, W / 2^n] (VDVAE's bias), then stage by stage from the
+- Top-down: a learned state h [channels[n], H / 2^n, W / 2^n] (VDVAE's bias) -- with `vector_top`, plus
+  linear(z_T) of a vector level z_T [S, B, D_T] with q(z_T | x) = N(linear(flatten(d_n))) and p(z_T) = N(0, I),
+  VDVAE's 1x1 top: global properties at the price of D_T values, not of a whole map -- then stage by stage from the
   coarsest, groups[s] stochastic groups each (level T first, level 1 last):
       p(z_t | z_{>t}) = N(conv(h))  (N(0, I) at the top),  q(z_t | z_{>t}, x) from conv(d_s, h) as ladder.py's
       posterior kinds (residual: N(mu_p + dmu, var_p e^dlv), NVAE's residual normal),
@@ -90,26 +92,51 @@ class SpatialGroup(nn.Module):
         return z, q, p, self.cells(h + self.z_in(z))
 
 
+class VectorTop(nn.Module):
+    """The vector top level z_T: q(z_T | x) = N(linear(flatten(d_n))), p(z_T) = N(0, I); h <- h + linear(z_T) as a
+    map [N, C, r, r]. d [N, C, r, r] (None when sampling from the prior)."""
+
+    def __init__(self, channels: int, side: tuple[int, int], dim: int, variance: str):
+        super().__init__()
+        self.dim, self.variance, self.side = dim, variance, side
+        self.post = nn.Linear(channels * side[0] * side[1], 2 * dim)
+        self.z_in = nn.Linear(dim, channels * side[0] * side[1])
+
+    def forward(self, h: Tensor, d: Tensor | None, mode: Draw, temperature: float = 1.0):
+        p = DiagonalGaussian.standard(h.new_empty(len(h), self.dim), 1)
+        q = None
+        if mode is not Draw.PRIOR:
+            mean, lv = self.post(d.flatten(1)).chunk(2, dim=1)
+            q = DiagonalGaussian(mean, bounded_log_var(lv, self.variance), 1)
+        if mode is Draw.PRIOR:
+            z = p.rsample(temperature=temperature)
+        else:
+            z = q.mean if mode is Draw.MEAN else q.rsample()
+        return z, q, p, h + self.z_in(z).view(len(h), -1, *self.side)
+
+
 class SpatialLadder(nn.Module):
     """The spatial top-down hierarchy (module docstring) over data [C, H, W]. groups[s - 1]: stochastic groups at
     stage s = 1..n (resolution H / 2^s, finest first; 0 below the coarsest: a stage the state only passes through,
     e.g. groups (0, 1) is a conv flat VAE with the same cells); channels[s - 1]: its width; latent_dims: D_1..D_T, the
-    channels of each level's z (level 1, nearest x, first: the last group of stage 1)."""
+    channels of each level's z (level 1, nearest x, first: the last group of stage 1); vector_top: level T is a
+    vector of D_T values above the groups (VectorTop), so T = sum(groups) + 1."""
 
     def __init__(self, data_shape: Sequence[int] = (1, 28, 28), groups: Sequence[int] = (2, 2),
                  channels: Sequence[int] = (32, 64), latent_dims: Sequence[int] | None = None, cells: int = 1,
                  cell: str = "residual", se: bool = False, likelihood: str = "bernoulli", activation: str = "silu",
-                 norm: str = "none", posterior: str = "residual", variance: str = "clamp"):
+                 norm: str = "none", posterior: str = "residual", variance: str = "clamp", vector_top: bool = False):
         super().__init__()
         if len(data_shape) != 3:
             raise ValueError(f"arch spatial needs image data [C, H, W]; got shape {tuple(data_shape)}")
         if posterior not in POSTERIORS:
             raise ValueError(f"unknown posterior {posterior!r}; choose one of {', '.join(POSTERIORS)}")
-        if not groups or len(channels) != len(groups) or min(groups) < 0 or groups[-1] < 1:
+        if not groups or len(channels) != len(groups) or min(groups) < 0 or groups[-1] < (0 if vector_top else 1):
             raise ValueError(f"arch spatial needs one width per stage and >= 1 group at the coarsest stage (the last; "
-                             f"finer ones may have 0); got groups {list(groups)} and conv_channels {list(channels)}")
+                             f"finer ones may have 0; with vector_top 0 too); got groups {list(groups)} and "
+                             f"conv_channels {list(channels)}")
         c_in, h, w = data_shape
-        n, T = len(groups), sum(groups)
+        n, T = len(groups), sum(groups) + int(vector_top)
         if h % 2**n or w % 2**n:
             raise ValueError(f"arch spatial with {n} stages needs H and W divisible by {2 ** n}; got {h}x{w}")
         dims = tuple(latent_dims) if latent_dims else (8,) * T
@@ -124,10 +151,12 @@ class SpatialLadder(nn.Module):
             for c_prev, c in zip((c_in, *channels[:-1]), channels))
         # Top-down: the learned initial state, then the groups (top first), upsampling between stages.
         self.h_top = nn.Parameter(torch.zeros(channels[-1], h >> n, w >> n))
+        self.top = VectorTop(channels[-1], (h >> n, w >> n), dims[-1], variance) if vector_top else None
         stage_of = [s for s in reversed(range(n)) for _ in range(groups[s])]  # top-down order, 0-based stages
-        level_of = list(range(T - 1, -1, -1))  # top-down order -> 0-based level (level 1 = index 0)
+        level_of = list(range(sum(groups) - 1, -1, -1))  # top-down order -> 0-based level (level 1 = index 0)
         self.blocks = nn.ModuleList(
-            SpatialGroup(channels[s], dims[lvl], i == 0, posterior, cells, cell, act, norm, se, variance)
+            SpatialGroup(channels[s], dims[lvl], i == 0 and not vector_top, posterior, cells, cell, act, norm, se,
+                         variance)
             for i, (s, lvl) in enumerate(zip(stage_of, level_of)))
         self.stage_of = stage_of
         self.up = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
@@ -147,9 +176,9 @@ class SpatialLadder(nn.Module):
     def latent_dims(self) -> tuple[int, ...]:
         """The number of values in each level's z (D_t r_t^2), level 1 first."""
         _, h, w = self.data_shape
-        sizes = [0] * self.n_levels
+        sizes = [self.dims[-1]] * self.n_levels  # the vector top's, where there is one
         for i, s in enumerate(self.stage_of):
-            lvl = self.n_levels - 1 - i
+            lvl = len(self.stage_of) - 1 - i
             sizes[lvl] = self.dims[lvl] * (h >> (s + 1)) * (w >> (s + 1))
         return tuple(sizes)
 
@@ -170,8 +199,12 @@ class SpatialLadder(nn.Module):
             ds = [d.unsqueeze(0).expand(n_samples, *d.shape).reshape(rows, *d.shape[1:]) for d in ds]
         h = self.h_top.unsqueeze(0).expand(rows, *self.h_top.shape)
         steps, stage = [], len(self.groups) - 1
+        if self.top is not None:
+            T = self.n_levels - 1
+            z, q, p, h = self.top(h, None if ds is None else ds[-1], Draw(modes[T]), temps[T])
+            steps.append((z, q, p))
         for i, block in enumerate(self.blocks):
-            s, lvl = self.stage_of[i], self.n_levels - 1 - i
+            s, lvl = self.stage_of[i], len(self.blocks) - 1 - i
             while stage > s:  # up to this block's stage (past stages without groups)
                 stage -= 1
                 h = self.up[stage](h)
@@ -194,9 +227,10 @@ class SpatialLadder(nn.Module):
         steps, h = self._descend(self.bottom_up(x), [Draw.SAMPLE] * T, [1.0] * T, S, len(x))
         levels = []
         for z, q, p in steps:
-            q = DiagonalGaussian(self._split(q.mean, S), self._split(q.log_var, S), 3)
-            p = (DiagonalGaussian.standard(q.mean, 3) if p.is_standard else
-                 DiagonalGaussian(self._split(p.mean, S), self._split(p.log_var, S), 3))
+            e = q.event_ndim  # 3 for a map, 1 for the vector top
+            q = DiagonalGaussian(self._split(q.mean, S), self._split(q.log_var, S), e)
+            p = (DiagonalGaussian.standard(q.mean, e) if p.is_standard else
+                 DiagonalGaussian(self._split(p.mean, S), self._split(p.log_var, S), e))
             levels.append(Level(self._split(z, S), q, p, analytic_kl=True))
         return StateTrace(tuple(levels), self._split(h, S))
 
