@@ -42,6 +42,9 @@ SPECS: dict[str, list[str]] = {
     # a vector level of 32 values above the groups (VDVAE's 1x1 top)
     "sp-res-vtop": [*SPATIAL, "--set", "model.vector_top=true", "--set", "model.levels=4", "--set",
                     "model.latent_dims=[8,8,8,32]"],
+    # the two that helped (every group at 7x7; the vector top) with a cell after the upsampling to 14x14
+    "sp-03-vtop-dec": [*SPATIAL, "--set", "model.groups=[0,3]", "--set", "model.vector_top=true", "--set",
+                       "model.levels=4", "--set", "model.latent_dims=[8,8,8,32]", "--set", "model.decoder_cells=1"],
     "sp-res-cells2": [*SPATIAL, "--set", "model.cells=2"],
     "sp-res-precision": [*SPATIAL, "--set", "model.posterior=precision"],
     # the cosine lr schedule annealed over the screen's 10 epochs of sp-res (a budget run anneals over its own)

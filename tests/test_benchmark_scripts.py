@@ -226,5 +226,5 @@ def test_conv_script_configurations_are_valid_and_build_at_the_resolutions_they_
             continue
         assert type(model).__name__ == "SpatialLadder", name
         sizes = set(model.latent_dims) - {32}  # 8 channels at 14x14 (level 1) and at 7x7; a vector top of 32
-        assert sizes == ({8 * 49} if name in ("conv-flat", "sp-res-03") else {8 * 196, 8 * 49}), (name, model.latent_dims)
-        assert (32 in model.latent_dims) == (name == "sp-res-vtop")
+        assert sizes == ({8 * 49} if name in ("conv-flat", "sp-res-03", "sp-03-vtop-dec") else {8 * 196, 8 * 49}), name
+        assert (32 in model.latent_dims) == (name in ("sp-res-vtop", "sp-03-vtop-dec"))

@@ -248,3 +248,30 @@ def test_a_vector_top_is_one_more_level_above_the_groups_and_reaches_every_level
                          "model.conv_channels": [8, 16], "model.vector_top": True})
     with pytest.raises(ValueError, match="vector_top"):
         apply(Config(), {"model.name": "ladder", "model.vector_top": True})
+
+
+def test_decoder_cells_follow_each_upsampling_even_where_a_stage_has_no_groups():
+    """decoder_cells = 2: two cells after the 2x2 -> 4x4 upsampling (stage 1 has no groups in (0, 1)); shapes and the
+    bound as without them, and zeroing the cells' residual branches gives back the model without them."""
+    plain = perturbed(small(groups=(0, 1), latent_dims=(3,)))
+    deep = small(groups=(0, 1), latent_dims=(3,), decoder_cells=2)
+    assert len(deep.up[0]) == 3 and len(deep.up[0][2]) == 2 and len(plain.up[0]) == 2
+    missing, unexpected = deep.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("up.0.2.") for k in missing)
+    x = binary(3)
+    torch.manual_seed(1)
+    a = plain.infer(x, 2)
+    torch.manual_seed(1)
+    b = deep.infer(x, 2)
+    assert b.z1.shape == a.z1.shape and not torch.allclose(b.z1, a.z1)  # the cells act
+    with torch.no_grad():
+        for cell in deep.up[0][2]:
+            for p in cell.parameters():
+                p.zero_()
+    torch.manual_seed(1)
+    torch.testing.assert_close(deep.infer(x, 2).z1, a.z1)  # residual cells with a zero branch: the identity
+    cfg = LadderConfig(arch="spatial", levels=1, groups=[0, 1], conv_channels=[8, 16], decoder_cells=1)
+    cfg.check()
+    assert len(build_model(cfg, SHAPE).up[0]) == 3
+    with pytest.raises(ValueError, match="decoder_cells"):
+        apply(Config(), {"model.name": "ladder", "model.decoder_cells": 1})

@@ -303,13 +303,15 @@ class LadderConfig(HierarchyOptions, ModelOptions):
     se: bool = option(False, help="spatial arch: squeeze-excitation in every cell")
     vector_top: bool = option(False, help="spatial arch: the top level is a vector (its size the last latent dim) "
                               "above the groups (VDVAE's 1x1 top); model.levels = sum(groups) + 1")
+    decoder_cells: int = option(0, ge=0, help="spatial arch: cells after each upsampling of the top-down state (also "
+                                "at stages without groups)")
 
     def check(self) -> None:
         super().check()
         if self.arch != "spatial":
-            if self.groups or self.vector_top:
-                raise ConfigError("model.groups and model.vector_top are for arch spatial; set model.arch=spatial or "
-                                  "drop them")
+            if self.groups or self.vector_top or self.decoder_cells:
+                raise ConfigError("model.groups, vector_top and decoder_cells are for arch spatial; set "
+                                  "model.arch=spatial or drop them")
             return
         top = int(self.vector_top)
         if (not self.groups or sum(self.groups) + top != self.levels or len(self.conv_channels) != len(self.groups)
@@ -328,7 +330,7 @@ class LadderConfig(HierarchyOptions, ModelOptions):
 
             return SpatialLadder(data_shape, self.groups, self.conv_channels, self.dims(), self.cells,
                                  self.cell, self.se, self.likelihood, self.activation, self.norm, self.posterior,
-                                 self.variance, self.vector_top)
+                                 self.variance, self.vector_top, self.decoder_cells)
         return LadderVAE(data_shape, self.dims(), posterior=self.posterior, skip=self.skip, arch=self.arch,
                          conv_channels=self.conv_channels, hidden=self.hidden, level_hidden=self.level_hidden,
                          likelihood=self.likelihood, activation=self.activation, variance=self.variance,

@@ -120,12 +120,14 @@ class SpatialLadder(nn.Module):
     stage s = 1..n (resolution H / 2^s, finest first; 0 below the coarsest: a stage the state only passes through,
     e.g. groups (0, 1) is a conv flat VAE with the same cells); channels[s - 1]: its width; latent_dims: D_1..D_T, the
     channels of each level's z (level 1, nearest x, first: the last group of stage 1); vector_top: level T is a
-    vector of D_T values above the groups (VectorTop), so T = sum(groups) + 1."""
+    vector of D_T values above the groups (VectorTop), so T = sum(groups) + 1; decoder_cells: cells after each
+    upsampling."""
 
     def __init__(self, data_shape: Sequence[int] = (1, 28, 28), groups: Sequence[int] = (2, 2),
                  channels: Sequence[int] = (32, 64), latent_dims: Sequence[int] | None = None, cells: int = 1,
                  cell: str = "residual", se: bool = False, likelihood: str = "bernoulli", activation: str = "silu",
-                 norm: str = "none", posterior: str = "residual", variance: str = "clamp", vector_top: bool = False):
+                 norm: str = "none", posterior: str = "residual", variance: str = "clamp", vector_top: bool = False,
+                 decoder_cells: int = 0):
         super().__init__()
         if len(data_shape) != 3:
             raise ValueError(f"arch spatial needs image data [C, H, W]; got shape {tuple(data_shape)}")
@@ -159,8 +161,12 @@ class SpatialLadder(nn.Module):
                          variance)
             for i, (s, lvl) in enumerate(zip(stage_of, level_of)))
         self.stage_of = stage_of
+        # decoder_cells: cells after each upsampling (NVAE's post-processing cells; at a stage without groups the only
+        # computation between the coarser state and the likelihood)
         self.up = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
-                                              nn.Conv2d(channels[s + 1], channels[s], 3, padding=1))
+                                              nn.Conv2d(channels[s + 1], channels[s], 3, padding=1),
+                                              *([cell_stack(decoder_cells, channels[s], cell, act, norm, se)]
+                                                if decoder_cells else []))
                                 for s in range(n - 1))
         # Why a transposed conv, not cells at full resolution: a 3x3 cell at 28x28 would cost as much as all the
         # groups above it; the conv ladder's decoder ends the same way.
