@@ -184,3 +184,16 @@ def test_yaml_1_1_octal_and_base_60_numbers_are_not_read_as_numbers(item):
     with pytest.raises(ConfigError, match="must be"):
         apply(Config(), parse_set([item]))
     assert parse_set(["train.epochs=10", "x=0x1F", "y=-5"]) == {"train.epochs": 10, "x": 31, "y": -5}
+
+
+def test_every_shipped_preset_loads_and_builds_its_model():
+    """configs/*.yaml: each is a valid config of the current schema, and its model builds for Fashion-MNIST."""
+    from pathlib import Path
+
+    from hvae.models import build_model
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(presets) >= 10
+    for path in presets:
+        cfg = apply(Config(), load_yaml(path))
+        assert build_model(cfg.model, (1, 28, 28)) is not None, path.name
