@@ -12,7 +12,7 @@ Stages (runs under runs/conv/<stage>/<name>, gitignored; one torch thread per ru
     python benchmarks/conv.py speed --json runs/conv/speed.json
     python benchmarks/conv.py select --speed runs/conv/speed.json --seconds 480 --only sp-res sp-bottleneck
 The budget runs themselves go through benchmarks/curve.py (stages at equal training seconds); BENCHMARKS.md
-section 10 gives their commands.
+section 13 gives their commands.
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def vdm_terms(model: DiffusionModel, x: Tensor, t: Tensor | None = None, eps: Te
 @dataclass
 class VdmObjective:
     """`objective.name: vdm`: the VDM bound reconstruction - (prior_kl + diffusion), `draws` (eps0, t, eps) per
-    example, their times stratified per example (vdm_bound; one draw: vdm_terms on the batch as it is).
+    example, their times stratified per example (vdm_bound).
 
     The bound carries no KL weight (a weighted diffusion term would no longer be the ELBO): kl_weight is 1."""
 
@@ -182,10 +182,6 @@ class VdmObjective:
 
     def __call__(self, model: DiffusionModel, x: Tensor, kl_weight: Tensor | float = 1.0) -> tuple[Tensor, ElboTerms]:
         """(elbo [B], ElboTerms with kl_per_level = [prior_kl, diffusion] [2, B]); kl_weight is not used."""
-        if self.draws == 1:
-            terms = vdm_terms(model, x)
-            levels = torch.stack([terms.prior_kl, terms.diffusion])
-            return terms.elbo, ElboTerms(terms.reconstruction, terms.kl, terms.elbo, levels)
         bound = vdm_bound(model, x, draws=self.draws)
         levels = torch.stack([bound.extra["prior_kl"], bound.extra["diffusion"]])
         return bound.elbo, ElboTerms(bound.reconstruction, bound.kl, bound.elbo, levels)

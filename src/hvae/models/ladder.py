@@ -74,6 +74,15 @@ class Draw(str, Enum):
     PRIOR = "prior"  # z_t ~ p(z_t | z_{>t}) with its std scaled by a temperature (0: the mean)
 
 
+def draw(mode: Draw, p: DiagonalGaussian, q: DiagonalGaussian | None, temperature: float = 1.0,
+         n_samples: int | None = None) -> Tensor:
+    """A level's z_t as `mode` says: from p with its std scaled by `temperature` (PRIOR), q's mean (MEAN), or
+    q.rsample(n_samples) (SAMPLE)."""
+    if mode is Draw.PRIOR:
+        return p.rsample(temperature=temperature)
+    return q.mean if mode is Draw.MEAN else q.rsample(n_samples)
+
+
 class TopDownBlock(nn.Module):
     """Level t of the top-down pass (VDVAE's DecBlock); below the top:
 
@@ -102,13 +111,8 @@ class TopDownBlock(nn.Module):
             h = self.state(z_above if h_above is None else torch.cat([z_above, h_above], -1))  # [*lead, w_t]
             p = self.prior(h)
             q = self.posterior(d, h, p) if mode is not Draw.PRIOR else None
-        if mode is Draw.PRIOR:
-            z = p.rsample(temperature=temperature)
-        elif mode is Draw.MEAN:
-            z = q.mean
-        else:  # S draws at the top; below, z_above already carries them
-            z = q.rsample(n_samples if self.state is None else None)
-        return z, q, p, h
+        # S draws at the top; below, z_above already carries them
+        return draw(mode, p, q, temperature, n_samples if self.state is None else None), q, p, h
 
     def posterior(self, d: Tensor, h: Tensor, p: DiagonalGaussian) -> DiagonalGaussian:
         """q(z_t | z_{>t}, x) for t < T from d_t [B, f_t], h_t [*lead, B, w_t] and p_t: over [*lead, B, D_t]."""

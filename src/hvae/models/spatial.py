@@ -34,11 +34,11 @@ from torch import Tensor, nn
 from ..cells import cell_stack
 from ..distributions import DiagonalGaussian
 from ..likelihoods import channels_per_pixel, make_likelihood
-from ..nets import OneChannelConvTranspose2d
+from ..nets import GaussianHead, OneChannelConvTranspose2d
 from ..nets import activation as act_layer
 from ..numerics import bounded_log_var
 from ..protocol import Level, Trace
-from .ladder import POSTERIORS, Draw, precision_merge, residual_normal
+from .ladder import POSTERIORS, Draw, draw, precision_merge, residual_normal
 from .levels import per_level
 
 
@@ -85,10 +85,7 @@ class SpatialGroup(nn.Module):
                 q = self._gaussian(self.post(torch.cat([d, h], 1)))
             else:
                 q = residual_normal(p, *self.post(torch.cat([d, h], 1)).chunk(2, dim=1))
-        if mode is Draw.PRIOR:
-            z = p.rsample(temperature=temperature)
-        else:
-            z = q.mean if mode is Draw.MEAN else q.rsample()
+        z = draw(mode, p, q, temperature)
         return z, q, p, self.cells(h + self.z_in(z))
 
 
@@ -98,20 +95,14 @@ class VectorTop(nn.Module):
 
     def __init__(self, channels: int, side: tuple[int, int], dim: int, variance: str):
         super().__init__()
-        self.dim, self.variance, self.side = dim, variance, side
-        self.post = nn.Linear(channels * side[0] * side[1], 2 * dim)
+        self.dim, self.side = dim, side
+        self.post = GaussianHead(channels * side[0] * side[1], dim, variance)
         self.z_in = nn.Linear(dim, channels * side[0] * side[1])
 
     def forward(self, h: Tensor, d: Tensor | None, mode: Draw, temperature: float = 1.0):
         p = DiagonalGaussian.standard(h.new_empty(len(h), self.dim), 1)
-        q = None
-        if mode is not Draw.PRIOR:
-            mean, lv = self.post(d.flatten(1)).chunk(2, dim=1)
-            q = DiagonalGaussian(mean, bounded_log_var(lv, self.variance), 1)
-        if mode is Draw.PRIOR:
-            z = p.rsample(temperature=temperature)
-        else:
-            z = q.mean if mode is Draw.MEAN else q.rsample()
+        q = self.post(d.flatten(1)) if mode is not Draw.PRIOR else None
+        z = draw(mode, p, q, temperature)
         return z, q, p, h + self.z_in(z).view(len(h), -1, *self.side)
 
 
@@ -155,11 +146,10 @@ class SpatialLadder(nn.Module):
         self.h_top = nn.Parameter(torch.zeros(channels[-1], h >> n, w >> n))
         self.top = VectorTop(channels[-1], (h >> n, w >> n), dims[-1], variance) if vector_top else None
         stage_of = [s for s in reversed(range(n)) for _ in range(groups[s])]  # top-down order, 0-based stages
-        level_of = list(range(sum(groups) - 1, -1, -1))  # top-down order -> 0-based level (level 1 = index 0)
-        self.blocks = nn.ModuleList(
-            SpatialGroup(channels[s], dims[lvl], i == 0 and not vector_top, posterior, cells, cell, act, norm, se,
-                         variance)
-            for i, (s, lvl) in enumerate(zip(stage_of, level_of)))
+        self.blocks = nn.ModuleList(  # block i (top-down) is level len(stage_of) - i (level 1 = index 0 of dims)
+            SpatialGroup(channels[s], dims[len(stage_of) - 1 - i], i == 0 and not vector_top, posterior, cells, cell,
+                         act, norm, se, variance)
+            for i, s in enumerate(stage_of))
         self.stage_of = stage_of
         # decoder_cells: cells after each upsampling (NVAE's post-processing cells; at a stage without groups the only
         # computation between the coarser state and the likelihood)
