@@ -167,3 +167,23 @@ class _BadBound(NoisyGaussianBound):
 def test_a_malformed_bound_is_refused(gaussian_data, model, message):
     with pytest.raises(ValueError, match=message):
         evaluate(model, gaussian_data[1], passes=2, progress=False)
+
+
+def test_row_floats_is_the_widest_module_output_per_row_and_bounds_the_chunk():
+    """An MLP's widest tensor is its output (the image's size, so its chunk is as before); a convolutional model's is
+    a feature map, whose size then sets the importance samples per call. The probe leaves weights and RNG alone."""
+    from hvae.evaluate import TENSOR_BYTES, chunk_for, row_floats
+    from hvae.models.spatial import SpatialLadder
+
+    vae, x = _small_vae(), _binary(5)
+    assert row_floats(vae, x) == math.prod(SHAPE)  # its hidden layer (16) is no wider than the image (16)
+    torch.manual_seed(0)
+    conv = SpatialLadder((1, 28, 28), channels=(6, 10), groups=(1, 1), latent_dims=(2, 3))
+    xc = torch.bernoulli(torch.full((5, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
+    before, rng = {k: v.clone() for k, v in conv.state_dict().items()}, torch.get_rng_state()
+    widest = row_floats(conv, xc)
+    assert widest >= 6 * 14 * 14  # stage 1's 6 maps at 14 x 14
+    assert widest <= 2 * 6 * 28 * 28  # at most two maps' worth at the input's resolution
+    assert chunk_for(1000, 100, widest) == max(1, TENSOR_BYTES // (4 * widest * 100))
+    assert all(torch.equal(before[k], v) for k, v in conv.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
