@@ -8,9 +8,12 @@ Stages (runs under runs/conv/<stage>/<name>, gitignored; one torch thread per ru
           training each (epochs = seconds / its measured s/epoch from --speed FILE), then its validation -ELBO
           and IW-NLL (k = --k on the first --limit validation images). The test set is not touched.
   table   summarize run directories: hierarchy.py's table, then each run's validation bounds as in select.
+  plot    the budget runs' curves (benchmarks/curve.py's curve.jsonl in each run directory): test IW-NLL against
+          epochs and training seconds, to --png (and the table of points).
 
     python benchmarks/conv.py speed --json runs/conv/speed.json
     python benchmarks/conv.py select --speed runs/conv/speed.json --seconds 480 --only sp-res sp-bottleneck
+    python benchmarks/conv.py plot runs/s5/conv-ladder runs/s6/best-conv-s0 --png docs/conv-curves.png
 The budget runs themselves go through benchmarks/curve.py (stages at equal training seconds); BENCHMARKS.md
 section 13 gives their commands.
 """
@@ -23,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hierarchy import HVAE, ROOT, run_pool, speed_stage, table, validation_iw  # noqa: E402
+from hierarchy import HVAE, ROOT, plot_curves, run_pool, speed_stage, table, validation_iw  # noqa: E402
 
 CONV_LADDER = ["--config", "configs/best-ladder.yaml", "--set", "model.arch=conv"]
 SPATIAL = ["--set", "model.name=ladder", "--set", "model.arch=spatial", "--set", "model.levels=3", "--set",
@@ -49,13 +52,16 @@ SPECS: dict[str, list[str]] = {
     "sp-res-precision": [*SPATIAL, "--set", "model.posterior=precision"],
     # the cosine lr schedule annealed over the screen's 10 epochs of sp-res (a budget run anneals over its own)
     "sp-res-cosine": [*SPATIAL, "--set", "optim.schedule=cosine", "--set", "optim.decay_epochs=10"],
-    "conv-flat": [*SPATIAL, "--set", "model.levels=1", "--set", "model.groups=[0,1]"],
+    "conv-flat-map": [*SPATIAL, "--set", "model.levels=1", "--set", "model.groups=[0,1]"],  # one 7x7 latent map
+    # the shipped presets: the screen's best, and its flat baseline (the same cells, the vector top as its one level)
+    "best-conv": ["--config", "configs/best-conv.yaml"],
+    "conv-flat": ["--config", "configs/conv-flat.yaml"],
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("speed", "select", "table"))
+    parser.add_argument("stage", choices=("speed", "select", "table", "plot"))
     parser.add_argument("runs", nargs="*", type=Path, help="run directories (table)")
     parser.add_argument("--only", nargs="*", help="these configurations only")
     parser.add_argument("--json", type=Path, help="speed: also write {name: seconds/epoch} here")
@@ -65,10 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--limit", type=int, default=2000)
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "conv")
+    parser.add_argument("--png", type=Path, help="plot: the figure's path (default: curves.png beside the first run)")
     args = parser.parse_args(argv)
     names = args.only or list(SPECS)
     if args.stage == "table":
         report(args.runs, args.k, args.limit)
+        return 0
+    if args.stage == "plot":
+        plot_budget(args.runs, args.png)
         return 0
     if args.stage == "speed":
         speed_stage({n: SPECS[n] for n in names}, args.json, "conv-ladder", "conv ladder")
@@ -87,6 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     run_pool(jobs, args.jobs)
     report([args.root / "select" / n for n in names], args.k, args.limit)
     return 0
+
+
+def budget_points(run: Path, _sec_per_epoch: float | None = None) -> list[tuple[int, float, float]]:
+    """(epoch, training seconds, IW-NLL) of each line of run/curve.jsonl (benchmarks/curve.py)."""
+    lines = [json.loads(x) for x in (run / "curve.jsonl").read_text().splitlines() if x.strip()]
+    return [(r["epoch"], r["train_seconds"], r["iw_nll"]) for r in lines if "iw_nll" in r]
+
+
+def plot_budget(runs: list[Path], png: Path | None) -> None:
+    """The figure of the budget runs, then their points as a table (k and images as each curve was evaluated)."""
+    first = json.loads((runs[0] / "curve.jsonl").read_text().splitlines()[0])
+    scope = f"k = {first['k']}, first {first['n_images']} images"
+    print(plot_curves(runs, {}, budget_points, f"test IW-NLL, {scope} (nats)", png,
+                      "training seconds (one torch thread, the other core busy)"))
+    print(f"| run | epoch | training s | IW-NLL ({scope}) |\n|---|---|---|---|")
+    for run in runs:
+        for epoch, seconds, nll in budget_points(run):
+            print(f"| {run.name} | {epoch} | {seconds:,.0f} | {nll:.2f} |")
 
 
 def report(runs: list[Path], k: int, limit: int) -> None:

@@ -149,7 +149,10 @@ def curve_points(run: Path, sec_per_epoch: float | None = None) -> list[tuple[in
     return points
 
 
-def plot_curves(runs: list[Path], speed: dict[str, float]) -> Path:
+def plot_curves(runs: list[Path], speed: dict[str, float], points_of=None, ylabel: str = "", out: Path | None = None,
+                time_label: str = "") -> Path:
+    """IW-NLL against epochs and against training seconds, one line per run, to `out` (curves.png beside the first
+    run by default). points_of(run, sec_per_epoch) -> [(epoch, seconds, IW-NLL)]: curve_points by default."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,24 +161,25 @@ def plot_curves(runs: list[Path], speed: dict[str, float]) -> Path:
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     lows: list[float] = []
     for run in runs:
-        points = curve_points(run, speed.get(run.name))
+        points = (points_of or curve_points)(run, speed.get(run.name))
         if not points:
             continue
         epochs, seconds, nll = zip(*points)
         lows += nll
         by_epoch.plot(epochs, nll, marker="o", label=run.name)
         by_time.plot(seconds, nll, marker="o", label=run.name)
-    time_label = "training seconds (one torch thread): epochs x measured s/epoch" if speed else "training seconds (one torch thread)"
+    time_label = time_label or ("training seconds (one torch thread): epochs x measured s/epoch" if speed
+                                else "training seconds (one torch thread)")
     for ax, label in ((by_epoch, "epochs"), (by_time, time_label)):
         ax.set_xlabel(label)
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    by_epoch.set_ylabel("test IW-NLL, k = 1000, first 2000 images (nats)")
+    by_epoch.set_ylabel(ylabel or "test IW-NLL, k = 1000, first 2000 images (nats)")
     if lows:
         by_epoch.set_ylim(min(lows) - 1, min(lows) + 15)
     by_time.legend(fontsize=8)
     fig.tight_layout()
-    out = runs[0].parent / "curves.png"
+    out = out or runs[0].parent / "curves.png"
     fig.savefig(out, dpi=110)
     return out
 

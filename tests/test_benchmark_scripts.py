@@ -226,5 +226,26 @@ def test_conv_script_configurations_are_valid_and_build_at_the_resolutions_they_
             continue
         assert type(model).__name__ == "SpatialLadder", name
         sizes = set(model.latent_dims) - {32}  # 8 channels at 14x14 (level 1) and at 7x7; a vector top of 32
-        assert sizes == ({8 * 49} if name in ("conv-flat", "sp-res-03", "sp-03-vtop-dec") else {8 * 196, 8 * 49}), name
-        assert (32 in model.latent_dims) == (name in ("sp-res-vtop", "sp-03-vtop-dec"))
+        at_7 = ("conv-flat-map", "sp-res-03", "sp-03-vtop-dec", "best-conv")
+        assert sizes == (set() if name == "conv-flat" else {8 * 49} if name in at_7 else {8 * 196, 8 * 49}), name
+        assert (32 in model.latent_dims) == (name in ("sp-res-vtop", "sp-03-vtop-dec", "best-conv", "conv-flat"))
+    assert conv.SPECS["conv-flat"] and build_model(apply(Config(), load_yaml(ROOT / "configs/conv-flat.yaml")).model,
+                                                    (1, 28, 28)).latent_dims == (32,)  # one vector level
+
+
+def test_conv_plot_reads_the_budget_curves(tmp_path):
+    """conv.py plot: the points of curve.py's curve.jsonl (epoch, training seconds, IW-NLL), and the figure."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("conv_bench", ROOT / "benchmarks" / "conv.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    for name, base in (("a", 230.0), ("b", 228.0)):
+        (tmp_path / name).mkdir()
+        lines = [{"epoch": e, "train_seconds": 50.0 * e, "wall_minutes": e, "iw_nll": base - e / 10, "k": 100,
+                  "n_images": 1000} for e in (10, 20)]
+        (tmp_path / name / "curve.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert conv.budget_points(tmp_path / "b") == [(10, 500.0, 227.0), (20, 1000.0, 226.0)]
+    conv.plot_budget([tmp_path / "a", tmp_path / "b"], tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
