@@ -249,3 +249,43 @@ def test_conv_plot_reads_the_budget_curves(tmp_path):
     assert conv.budget_points(tmp_path / "b") == [(10, 500.0, 227.0), (20, 1000.0, 226.0)]
     conv.plot_budget([tmp_path / "a", tmp_path / "b"], tmp_path / "fig.png")
     assert (tmp_path / "fig.png").stat().st_size > 10_000
+
+
+def test_iw_parts_evaluates_missing_parts_only_and_combines_them_as_one_evaluation(idx_dir, tmp_path):
+    """benchmarks/iw_parts.py: each part is evaluate() on its slice with its index as seed; a part deleted (a stop)
+    is the only one evaluated again, to the same figure; the combination is the size-weighted mean, with active units
+    from the k = 1 pass over all images."""
+    import subprocess
+    import sys
+
+    import hvae
+    from hvae.data import test_set
+    from hvae.evaluate import evaluate
+
+    run = tmp_path / "vae"
+    train = [sys.executable, "-m", "hvae", "train", "--data-dir", str(idx_dir.parent), "--epochs", "1", "--batch-size",
+             "64", "--set", "model.hidden=[32]", "--set", "model.latent_dim=2", "--set", "runtime.threads=1",
+             "--out", str(run), "--no-progress"]
+    assert subprocess.run(train, capture_output=True, timeout=300).returncode == 0
+    parts = [sys.executable, str(ROOT / "benchmarks" / "iw_parts.py"), str(run), "--k", "4", "--part-size", "24"]
+    first = subprocess.run(parts, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    folder = run / "iw-k4"
+    written = {p.name: p.stat().st_mtime_ns for p in folder.glob("part-*.json")}
+    assert sorted(written) == ["part-0.json", "part-1.json", "part-2.json"]  # 64 test images: 24 + 24 + 16
+    (folder / "part-1.json").unlink()
+    again = subprocess.run(parts, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stderr.count("part ") == 1, again.stderr[-2000:]
+    assert (folder / "part-0.json").stat().st_mtime_ns == written["part-0.json"]
+    combined = json.loads(again.stdout.splitlines()[-1])
+    before = json.loads(first.stdout.splitlines()[-1])
+    assert {k: v for k, v in combined.items() if k != "seconds"} == {k: v for k, v in before.items() if k != "seconds"}
+
+    model = hvae.load(run)
+    x, _ = test_set("fashion-mnist", idx_dir.parent, "bernoulli")
+    direct = [evaluate(model, x[lo:lo + 24], k=4, seed=i, progress=False) for i, lo in enumerate(range(0, 64, 24))]
+    assert [d["n_images"] for d in direct] == [24, 24, 16]
+    assert combined["iw_nll"] == pytest.approx(sum(d["iw_nll"] * d["n_images"] for d in direct) / 64, rel=1e-12)
+    assert combined["kl_per_level"][0] == pytest.approx(sum(d["kl"] * d["n_images"] for d in direct) / 64, rel=1e-9)
+    assert combined["complete"] and combined["n_images"] == 64 and combined["parts"] == 3 and combined["iw_nll_se"] > 0
+    assert combined["active_units"] == evaluate(model, x, k=1, progress=False)["active_units"]
