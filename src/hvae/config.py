@@ -38,6 +38,8 @@ class OptimConfig:
     optimizer: str = option("adam", choices=("adam", "adamax"))
     lr: float = option(1e-3, gt=0)
     weight_decay: float = option(0.0, ge=0, help="decoupled weight decay (adam: AdamW; adamax: an L2 term)")
+    spectral_reg: float = option(0.0, ge=0, help="NVAE's spectral regularization: add this times the sum of the "
+                                 "largest singular values of the conv and linear weights to the loss (0: off)")
     ema: float = option(0.0, ge=0, lt=1, help="EMA decay of the weights used for evaluation (0: off)")
     grad_clip: float = option(0.0, ge=0, help="clip the gradient norm to this (0: off)")
     skip_threshold: float = option(0.0, ge=0, help="skip updates whose gradient norm exceeds this (0: off)")

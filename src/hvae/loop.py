@@ -31,7 +31,7 @@ from .errors import DataError
 from .evaluate import EXPLICIT_LEVELS, capabilities, stochastic_bound_of
 from .models import build_model
 from .objectives import ElboTerms, elbo
-from .optim import EMA, TrainingError, UpdateGuard, lr_at, make_optimizer, set_lr
+from .optim import EMA, TrainingError, UpdateGuard, lr_at, make_optimizer, set_lr, spectral_penalty
 from .preemption import Preemption, TrainingStopped
 from .rundir import MetricsLog, clear_training_outputs, prepare_new, start_or_resume, write_provenance
 from .state import TrainState
@@ -61,11 +61,12 @@ def rank_slice(i: int, batch_size: int, rank: int, world: int) -> slice:
 
 
 def train_step(objective, model: nn.Module, x: Tensor, kl_weight: float, fabric: Fabric, guard: UpdateGuard,
-               state: TrainState, params: list[Tensor], ema: EMA | None, want_norm: bool):
-    """One update: the objective's batch mean, flipped to a loss, backward, then the guard applies or skips the
-    update. -> (loss [], terms, the gradient norm or None)."""
+               state: TrainState, params: list[Tensor], ema: EMA | None, want_norm: bool, spectral: float = 0.0):
+    """One update: the objective's batch mean, flipped to a loss (plus `spectral` x optim.spectral_penalty where
+    optim.spectral_reg is on), backward, then the guard applies or skips the update. -> (loss [], terms, the
+    gradient norm or None)."""
     obj, terms = objective(x, torch.tensor(kl_weight))
-    loss = -obj.mean()
+    loss = -obj.mean() + (spectral * spectral_penalty(model) if spectral else 0.0)
     fabric.backward(loss)
     if guard.scaler is not None:  # with 16-mixed the guard must see the true (unscaled) gradients
         guard.scaler.unscale_(guard.raw)
@@ -265,7 +266,7 @@ def fit(cfg: Config, out: Path, resume: bool = False, argv: list[str] | None = N
                     set_lr(guard.raw, lr_at(cfg.optim, state.step, steps_per_epoch))
                 want_norm = (state.step + 1) % t.log_every == 0
                 loss, terms, norm = train_step(objective, model, x, kl_weight, fabric, guard, state, params, ema,
-                                               want_norm)
+                                               want_norm, cfg.optim.spectral_reg)
                 if state.step % t.log_every == 0:
                     guard.settle(state.step)
                     log_step(fabric, log, state, loss, terms, norm, kl_weight, steps_per_epoch, bar,

@@ -29,6 +29,22 @@ def make_optimizer(optim, params) -> torch.optim.Optimizer:
     return torch.optim.Adamax(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
+def spectral_penalty(model: nn.Module) -> Tensor:
+    """NVAE's spectral regularization term (Vahdat & Kautz 2020, eq. 4): sum_l sigma_max(W_l) over the model's conv,
+    transposed-conv and linear weights, each W_l seen as a matrix [out, in x kernel] (a transposed conv's [in, out x
+    kernel]). Exact largest singular values in float32, sigma_max = sqrt(lambda_max(G)) of the smaller Gram matrix G
+    (W W^T or W^T W, at most 64 x 64 here), not NVAE's one power iteration per step: it keeps no state (a resumed run
+    computes the same term), and costs a few ms a step where an SVD of the vector top's 64 x 3136 weight took 100.
+    -> [] float32; the loop adds optim.spectral_reg times it."""
+    sigmas = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            w = m.weight.float().flatten(1)
+            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+            sigmas.append(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0).sqrt())
+    return torch.stack(sigmas).sum() if sigmas else torch.zeros(())
+
+
 def lr_at(optim, step: int, steps_per_epoch: int) -> float:
     """The learning rate of update `step` (0 first), a function of the step alone (so a resumed run follows the
     same schedule): optim.lr, or with optim.schedule cosine, lr_min + (lr - lr_min) (1 + cos(pi u)) / 2 at
