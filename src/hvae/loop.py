@@ -66,7 +66,9 @@ def train_step(objective, model: nn.Module, x: Tensor, kl_weight: float, fabric:
     optim.spectral_reg is on), backward, then the guard applies or skips the update. -> (loss [], terms, the
     gradient norm or None)."""
     obj, terms = objective(x, torch.tensor(kl_weight))
-    loss = -obj.mean() + (spectral * spectral_penalty(model) if spectral else 0.0)
+    loss = -obj.mean()
+    if spectral:
+        loss = loss + spectral * spectral_penalty(model)
     fabric.backward(loss)
     if guard.scaler is not None:  # with 16-mixed the guard must see the true (unscaled) gradients
         guard.scaler.unscale_(guard.raw)
