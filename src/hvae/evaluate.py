@@ -37,8 +37,8 @@ TENSOR_BYTES = 8 << 20  # largest activation per decoder call
 
 def row_floats(model: LatentVariableModel, x: Tensor) -> int:
     """Floats per row of the widest tensor a module of the model returns in one importance sample of x [B, *data]
-    (at least the data's size), probed on one image: what chunk_for must bound. A convolutional model's feature maps are tens of times the
-    image (32 channels x 28 x 28 = 32 x 784); an MLP's widest tensor is its output (the image's size)."""
+    (at least the data's size), probed on one image: what chunk_for must bound. A convolutional model's feature
+    maps are tens of times the image (32 channels x 28 x 28 = 32 x 784); an MLP's widest tensor is its output."""
     widest = math.prod(x.shape[1:])
     if not isinstance(model, nn.Module):  # the protocol asks for no modules: nothing to probe
         return widest
@@ -69,6 +69,12 @@ def chunk_for(k: int, batch: int, n_dims: int, max_bytes: int = TENSOR_BYTES) ->
     maps). On a GPU larger calls may pay (not yet measured).
     """
     return max(1, min(k, max_bytes // (4 * n_dims * max(1, batch))))
+
+
+def iw_chunk(model: LatentVariableModel, x: Tensor, k: int, batch_size: int, max_bytes: int = TENSOR_BYTES) -> int:
+    """Importance samples per call of the IW bound over batches of batch_size images of x [N, *data] (fewer images
+    than a batch: longer chunks): chunk_for sized by row_floats."""
+    return chunk_for(k, min(batch_size, len(x)), row_floats(model, x), max_bytes)
 
 
 def _mean_halves(level, n_samples: int, batch: int) -> tuple[Tensor, Tensor]:
@@ -164,7 +170,7 @@ def evaluate_levels(model: LatentVariableModel, x: Tensor, k: int = 1000, batch_
     model.eval()
     torch.manual_seed(seed)
     n, n_dims = len(x), math.prod(x.shape[1:])
-    chunk = chunk_for(k, min(batch_size, n), row_floats(model, x), chunk_bytes)  # fewer images: longer chunks
+    chunk = iw_chunk(model, x, k, batch_size, chunk_bytes)
     sums = {"reconstruction": 0.0, "kl": 0.0, "iw": 0.0}
     kl_levels: Tensor | None = None
     moments: list[tuple[Tensor, Tensor]] | None = None  # per level, over images: see posterior_mean_moments

@@ -262,12 +262,12 @@ class ThreadPolicy:
 def eval_probe(model: nn.Module, x: Tensor, k: int, batch_size: int, draws: int = 1) -> Probe:
     """A throwaway evaluation call for choose_for_eval: one decoder chunk of the IW bound on the first batch (the
     call hvae eval repeats k / chunk times per batch), or one draw of a stochastic bound's batch; RNG forked."""
-    from .evaluate import EXPLICIT_LEVELS, capabilities, chunk_for, row_floats, stochastic_bound_of
+    from .evaluate import EXPLICIT_LEVELS, capabilities, iw_chunk, stochastic_bound_of
     from .objectives import log_importance_weights
 
     xb, can = x[:batch_size], capabilities(model)
     explicit = EXPLICIT_LEVELS in can
-    chunk = chunk_for(k, len(xb), row_floats(model, xb)) if explicit else 0
+    chunk = iw_chunk(model, xb, k, batch_size) if explicit else 0
     bound = None if explicit or not can else stochastic_bound_of(model, draws)
 
     def probe(keep: bool = False) -> None:
