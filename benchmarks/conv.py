@@ -58,11 +58,13 @@ SPECS: dict[str, list[str]] = {
     "best-conv": BEST,
     "conv-flat": ["--config", "configs/conv-flat.yaml"],
     # best-conv's variants (BENCHMARKS.md 13e): its collapsed third 7x7 group dropped; NVAE's spectral
-    # regularization; an EMA of the weights for evaluation; KL balancing
+    # regularization; an EMA of the weights for evaluation; KL balancing; a cosine lr schedule
     "bc-02": [*BEST, "--set", "model.levels=3", "--set", "model.groups=[0,2]", "--set", "model.latent_dims=[8,8,32]"],
     "bc-spectral": [*BEST, "--set", "optim.spectral_reg=0.01"],
     "bc-ema": [*BEST, "--set", "optim.ema=0.999"],
     "bc-balance": [*BEST, "--set", "objective.balance=true"],
+    # the cosine lr schedule annealed to 0 over the screen's 10 epochs (a budget run anneals over its own)
+    "bc-cosine": [*BEST, "--set", "optim.schedule=cosine", "--set", "optim.decay_epochs=10"],
 }
 
 
